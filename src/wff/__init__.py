@@ -1,0 +1,1 @@
+"""spine-wff: weighted fusion framework for spinal tumour diagnosis, served by Triton."""

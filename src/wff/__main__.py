@@ -1,0 +1,3 @@
+from wff.cli import main
+
+main(prog_name="wff")

@@ -1,0 +1,47 @@
+"""The ``wff`` command line: a thin click layer; each command lives beside the code it drives.
+
+Commands are imported only when invoked, so ``wff diagnose`` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import click
+
+# command name -> "module:attribute" of a click command or group
+COMMANDS = {
+    "data": "wff.training.cli:data",
+    "train": "wff.training.cli:train",
+    "export": "wff.training.cli:export",
+    "repo": "wff.serving.cli:repo",
+    "serve": "wff.serving.cli:serve",
+    "diagnose": "wff.client.cli:diagnose",
+    "evaluate": "wff.client.cli:evaluate",
+    "demo": "wff.demo:demo",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """spine-wff: benign/malignant spinal tumour diagnosis from sagittal MRI, served by Triton."""
+    level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+if __name__ == "__main__":
+    main()

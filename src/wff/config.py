@@ -1,0 +1,225 @@
+"""Configuration: one source of truth, as frozen dataclasses.
+
+Two named profiles share every key and differ only in values:
+
+* ``small``: the CPU default. Light detector backbone, small 3D CNN, a few epochs; the
+  whole demo (data, training, serving, evaluation) fits in minutes on 2 cores.
+* ``paper``: the method of Liu et al. 2022 (Insights into Imaging 13:87): ResNeXt101-32x8d
+  with deformable convolutions and a five-scale FPN, a 3D ResNeXt-101 sequence classifier,
+  four-fold cross-validation. Meant for a GPU.
+
+The resolved profile is written next to every checkpoint and exported model
+(``profile.json``), and read back by ``wff repo build`` and the serving steps, so a model
+is never served with settings other than those it was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LABELS = ("benign", "malignant")  # index = label id; malignant is the positive class
+DETECTOR_CLASSES = ("background", "benign", "malignant")  # Faster R-CNN class ids; 0 is background
+SEQUENCES = ("T1", "T2", "STIR")  # sagittal series types used by the paper (STIR ~ FS-T2WI)
+LOCATIONS = ("cervical", "thoracic", "lumbar", "sacral")  # Table 2 of the paper
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    size: int = 256  # detector input is size x size (letterboxed, top-left anchored)
+    clip_low: float = 0.5  # per-series intensity window: lower percentile -> 0
+    clip_high: float = 99.5  # upper percentile -> 1
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    backbone: str = "resnet_small"  # "resnet_small" (CPU) | "resnext101_dcn" (paper)
+    fpn_channels: int = 64  # channels of every FPN level
+    fpn_levels: int = 4  # pyramid levels fed to RPN/RoI heads (paper: 5 scales, 1/4 .. 1/64)
+    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)  # one anchor size per FPN level, in pixels
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # height/width ratios of the anchors
+    rpn_pre_nms_top_n: int = 300  # proposals kept per image before RPN NMS (static graph)
+    rpn_post_nms_top_n: int = 48  # proposals per image after RPN NMS (fixed RoI count R)
+    rpn_nms_iou: float = 0.7
+    box_nms_iou: float = 0.4  # class-agnostic NMS on final detections
+    top_k: int = 8  # fixed number of detections per image in the exported graph (padded)
+    roi_output_size: int = 7  # RoIAlign output (roi_output_size x roi_output_size)
+    representation_size: int = 256  # width of the two-layer box head
+    epochs: int = 8
+    batch_size: int = 8
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    cutmix_prob: float = 0.5  # MultiScale-SelfCutMix: chance per training image
+    cutmix_scale: tuple[float, float] = (0.5, 1.0)  # width/height scale of the pasted tumour
+    negatives_per_positive: float = 0.25  # slices without tumour mixed into detector training
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    arch: str = "resnext3d_small"  # "resnext3d_small" (CPU) | "resnext3d_101" (paper)
+    width: int = 16  # channels of the stem (paper: 64)
+    cardinality: int = 4  # groups of the ResNeXt bottlenecks (paper: 32)
+    layers: tuple[int, ...] = (1, 1, 1, 1)  # bottleneck blocks per stage (paper: 3, 4, 23, 3)
+    clip_len: int = 16  # N consecutive slices per clip (paper: 4, 8 or 16; 16 best)
+    crop_size: int = 112  # every slice of a clip is crop_size x crop_size
+    crop_margin: float = 0.15  # the region is grown by this fraction of its size on each side
+    epochs: int = 12
+    batch_size: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    clips_per_series: int = 4  # training clips drawn per series and epoch
+    random_slice_prob: float = 0.5  # 50 % of clips centred on a random tumour slice, else by DICOM index
+
+
+@dataclass(frozen=True)
+class AgePriorConfig:
+    edges: tuple[float, ...] = (0, 10, 20, 30, 40, 50, 60, 70, 80)  # group lower bounds, years
+    alpha: float = 4.0  # pseudo-count pulling sparse groups towards the overall malignancy rate
+    max_age: float = 120.0  # ages outside [0, max_age] are rejected
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    weights: tuple[float, float, float] = (0.45, 0.45, 0.10)  # (l1 Det, l2 Seq, l3 Age); replaced by CV
+    strategy: str = "Det-Seq-Age"  # the strategy served (one of fusion.STRATEGIES)
+    det_threshold: float = 0.5  # slices whose best box scores below this do not vote
+    grid_step: float = 0.05  # step of the simplex grid searched by cross-validation
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    cv_folds: int = 4  # folds of the training set used to choose l1, l2, l3 (paper: 4)
+    cv_epoch_scale: float = 0.5  # fold models train for this fraction of the final epochs
+    seed: int = 0
+    num_threads: int = 2  # torch CPU threads
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    max_batch_detector: int = 96  # >= slices of one patient (4 series x 21 slices = 84)
+    max_batch_classifier: int = 8  # >= series of one patient
+    preferred_batch_detector: tuple[int, ...] = (32, 64)
+    preferred_batch_classifier: tuple[int, ...] = (4, 8)
+    max_queue_delay_us: int = 2000
+    instances_detector: int = 1
+    instances_classifier: int = 1
+    instances_python: int = 1  # preprocess, crop, fusion
+    runtime_threads: int = 2  # intra-op threads of each CPU runtime session
+    max_files: int = 512  # request limits (files per patient, bytes, slices, pixels per slice)
+    max_bytes: int = 512 * 1024 * 1024
+    max_slices: int = 96
+    max_pixels_per_slice: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str = "small"
+    image: ImageConfig = field(default_factory=ImageConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    age: AgePriorConfig = field(default_factory=AgePriorConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    def replace(self, **sections: Any) -> "Profile":
+        """Copy with whole sections or section fields replaced: ``replace(detector={"epochs": 1})``."""
+        updates = {}
+        for name, value in sections.items():
+            current = getattr(self, name)
+            if isinstance(value, dict):
+                value = dataclasses.replace(current, **value)
+            updates[name] = value
+        return dataclasses.replace(self, **updates)
+
+
+def _section_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(known)}")
+    kwargs = {}
+    for key, value in data.items():
+        default = getattr(cls(), key) if key in known else None
+        kwargs[key] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+_SECTIONS = {
+    "image": ImageConfig,
+    "detector": DetectorConfig,
+    "classifier": ClassifierConfig,
+    "age": AgePriorConfig,
+    "fusion": FusionConfig,
+    "train": TrainConfig,
+    "serving": ServingConfig,
+}
+
+
+def profile_from_dict(data: dict[str, Any], where: str = "profile") -> Profile:
+    unknown = sorted(set(data) - set(_SECTIONS) - {"name"})
+    if unknown:
+        raise ValueError(f"{where}: unknown sections {unknown}; expected {sorted(_SECTIONS)}")
+    sections = {k: _section_from_dict(cls, data.get(k, {}), f"{where}.{k}") for k, cls in _SECTIONS.items()}
+    return Profile(name=data.get("name", "custom"), **sections)
+
+
+def load_profile(path: str | Path) -> Profile:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path}: no profile.json here; train a model first (wff train)") from e
+    return profile_from_dict(data, where=str(path))
+
+
+SMALL = Profile()
+
+PAPER = Profile(
+    name="paper",
+    image=ImageConfig(size=512),
+    detector=DetectorConfig(
+        backbone="resnext101_dcn",
+        fpn_channels=256,
+        fpn_levels=5,
+        anchor_sizes=(32, 64, 128, 256, 512),
+        rpn_pre_nms_top_n=1000,
+        rpn_post_nms_top_n=300,
+        top_k=32,
+        representation_size=1024,
+        epochs=24,
+        batch_size=4,
+        lr=0.01,
+    ),
+    classifier=ClassifierConfig(
+        arch="resnext3d_101",
+        width=64,
+        cardinality=32,
+        layers=(3, 4, 23, 3),
+        epochs=40,
+        batch_size=16,
+        lr=1e-3,
+    ),
+    train=TrainConfig(cv_folds=4, cv_epoch_scale=1.0),
+)
+
+PROFILES: dict[str, Profile] = {"small": SMALL, "paper": PAPER}
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; expected one of {sorted(PROFILES)}") from None
