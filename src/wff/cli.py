@@ -12,7 +12,7 @@ import click
 
 # command name -> "module:attribute" of a click command or group
 COMMANDS = {
-    "data": "wff.training.cli:data",
+    "data": "wff.training.data_cli:data",
     "train": "wff.training.cli:train",
     "export": "wff.training.cli:export",
     "repo": "wff.serving.cli:repo",
