@@ -1,0 +1,105 @@
+"""The age module: P(malignant | age group) from training-set statistics (paper, Fig. 5).
+
+Ages are grouped by ``AgePriorConfig.edges`` (lower bounds in years; the last group is open).
+Each group's rate is smoothed towards the overall training rate with ``alpha`` pseudo-counts,
+so a group with few patients does not jump to 0 or 1::
+
+    A(g) = (malignant_g + alpha * overall) / (patients_g + alpha)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wff.config import AgePriorConfig
+
+
+def check_age(age: float, max_age: float) -> float:
+    """A usable age in years, or ValueError saying what range is accepted."""
+    age = float(age)
+    if math.isnan(age) or not 0 <= age <= max_age:
+        raise ValueError(f"age {age!r} is out of range; give years in [0, {max_age:g}] or omit it")
+    return age
+
+
+@dataclass(frozen=True)
+class AgePrior:
+    edges: tuple[float, ...]  # group lower bounds, ascending, first 0
+    p_malignant: tuple[float, ...]  # smoothed P(malignant) per group
+    patients: tuple[int, ...]  # training patients per group
+    malignant: tuple[int, ...]  # of which malignant
+    alpha: float
+    overall: float  # training-set malignancy rate
+    max_age: float
+
+    @classmethod
+    def fit(cls, ages: np.ndarray, labels: np.ndarray, cfg: AgePriorConfig) -> "AgePrior":
+        ages = np.asarray(ages, np.float64)
+        labels = np.asarray(labels, np.int64)
+        if ages.shape != labels.shape or ages.size == 0:
+            raise ValueError(f"need one label per age and at least one patient, got {ages.shape} vs {labels.shape}")
+        for a in ages:
+            check_age(a, cfg.max_age)
+        edges = np.asarray(cfg.edges, np.float64)
+        group = np.searchsorted(edges, ages, side="right") - 1  # (n,) group of each patient
+        patients = np.bincount(group, minlength=len(edges))
+        malignant = np.bincount(group, weights=labels, minlength=len(edges)).astype(np.int64)
+        overall = float(labels.mean())
+        p = (malignant + cfg.alpha * overall) / (patients + cfg.alpha)
+        return cls(
+            tuple(float(e) for e in edges),
+            tuple(float(v) for v in p),
+            tuple(int(v) for v in patients),
+            tuple(int(v) for v in malignant),
+            float(cfg.alpha),
+            overall,
+            float(cfg.max_age),
+        )
+
+    def group(self, age: float) -> int:
+        return int(np.searchsorted(self.edges, check_age(age, self.max_age), side="right") - 1)
+
+    def __call__(self, age: float) -> float:
+        """A = P(malignant | age); NaN age -> NaN (no age term)."""
+        if age is None or (isinstance(age, float) and math.isnan(age)):
+            return float("nan")
+        return self.p_malignant[self.group(age)]
+
+    def to_dict(self) -> dict:
+        return {
+            "edges": list(self.edges),
+            "p_malignant": list(self.p_malignant),
+            "patients": list(self.patients),
+            "malignant": list(self.malignant),
+            "alpha": self.alpha,
+            "overall": self.overall,
+            "max_age": self.max_age,
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AgePrior":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            prior = cls(
+                tuple(data["edges"]),
+                tuple(data["p_malignant"]),
+                tuple(data["patients"]),
+                tuple(data["malignant"]),
+                float(data["alpha"]),
+                float(data["overall"]),
+                float(data["max_age"]),
+            )
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: not a valid age prior ({e}); rebuild it with wff train") from e
+        if len(prior.edges) != len(prior.p_malignant):
+            raise ValueError(f"{path}: {len(prior.edges)} age groups but {len(prior.p_malignant)} probabilities")
+        return prior

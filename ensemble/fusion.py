@@ -1,0 +1,235 @@
+"""The fusion step: Eq. 1 of the paper and the two majority votes.
+
+Per image j of series i of patient p (paper, Eq. 1)::
+
+    P_i^j = l1 * D_i^j + l2 * M_i + l3 * A_p
+
+D is the detector's P(malignant) for the image's best box, M the sequence classifier's
+P(malignant) for the series, A the age module's P(malignant | age). The weighted sum is
+divided by the sum of the weights of the terms present, so P stays a probability and
+"P >= 0.5" is the paper's "category with the larger probability" for any weights (the paper's
+Det-Age weights 0.45/0/0.1 do not sum to one). Images vote by P >= 0.5; the majority of images
+gives the series, the majority of series gives the patient.
+
+Rules for the cases the paper leaves open (each has a unit test):
+
+* Images that vote: slices whose best box scores >= ``det_threshold``. A series with no such
+  slice falls back on its single best-scoring box; a series with no box at all has no Det term.
+* A term that is missing (no box, no age) drops out of the weighted mean. A series none of
+  whose active terms is present abstains; a patient whose series all abstain gets P = 0.5.
+* Ties: an image with P = 0.5 votes malignant; a series with as many malignant as benign
+  image votes takes its mean P (>= 0.5 malignant); likewise a patient with tied series votes.
+  Malignant is the positive class, so ties lean to the finding that must not be missed.
+* The patient's continuous score (for AUC) is the mean over voting series of the series'
+  mean image P.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# Table 3 of the paper: which of (Det, Seq, Age) each strategy uses.
+STRATEGIES: dict[str, tuple[bool, bool, bool]] = {
+    "Det": (True, False, False),
+    "Det-Age": (True, False, True),
+    "Seq": (False, True, False),
+    "Seq-Age": (False, True, True),
+    "Det-Seq": (True, True, False),
+    "Det-Seq-Age": (True, True, True),
+}
+PAPER_WEIGHTS: dict[str, tuple[float, float, float]] = {  # the paper's lambdas (Results section)
+    "Det": (0.45, 0.0, 0.0),
+    "Det-Age": (0.45, 0.0, 0.1),
+    "Seq": (0.0, 0.45, 0.0),
+    "Seq-Age": (0.0, 0.45, 0.1),
+    "Det-Seq": (0.45, 0.45, 0.0),
+    "Det-Seq-Age": (0.45, 0.45, 0.1),
+}
+VOTE_THRESHOLD = 0.5
+
+
+def best_boxes(
+    boxes: np.ndarray, scores: np.ndarray, malignancy: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The highest-scoring valid detection of every slice.
+
+    boxes (S, K, 4), scores (S, K), malignancy (S, K), counts (S,) or (S, 1): detector outputs,
+    the first ``count`` of K valid. Returns slice_d (S,) float32 (NaN where no box),
+    slice_score (S,) float32 (0 where no box) and slice_box (S, 4) float32 (zeros where no box).
+    """
+    n, k = scores.shape
+    valid = np.arange(k)[None, :] < np.asarray(counts).reshape(n, 1)  # (S, K)
+    has_box = valid.any(axis=1)
+    best = np.argmax(np.where(valid, scores, -np.inf), axis=1)  # (S,)
+    rows = np.arange(n)
+    slice_d = np.where(has_box, malignancy[rows, best], np.nan).astype(np.float32)
+    slice_score = np.where(has_box, scores[rows, best], 0.0).astype(np.float32)
+    slice_box = np.where(has_box[:, None], boxes[rows, best], 0.0).astype(np.float32)
+    return slice_d, slice_score, slice_box
+
+
+@dataclass(frozen=True)
+class Components:
+    """Everything the fusion needs for one patient; what the served ensemble returns."""
+
+    slice_d: np.ndarray  # (S,) float32 D per slice; NaN = no box on the slice
+    slice_score: np.ndarray  # (S,) float32 best box score per slice
+    slice_series: np.ndarray  # (S,) int32 series index 0..Q-1 of each slice
+    series_m: np.ndarray  # (Q,) float32 M per series
+    age_a: float  # A = P(malignant | age); NaN = no age known
+
+    def to_dict(self) -> dict:
+        return {
+            "slice_d": [None if math.isnan(v) else float(v) for v in self.slice_d],
+            "slice_score": [float(v) for v in self.slice_score],
+            "slice_series": [int(v) for v in self.slice_series],
+            "series_m": [float(v) for v in self.series_m],
+            "age_a": None if math.isnan(self.age_a) else float(self.age_a),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Components":
+        return cls(
+            slice_d=np.array([np.nan if v is None else v for v in data["slice_d"]], np.float32),
+            slice_score=np.array(data["slice_score"], np.float32),
+            slice_series=np.array(data["slice_series"], np.int32),
+            series_m=np.array(data["series_m"], np.float32),
+            age_a=float("nan") if data["age_a"] is None else float(data["age_a"]),
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    label: int  # 1 malignant, 0 benign
+    p_malignant: float  # patient score in [0, 1]
+    series_votes: np.ndarray  # (Q,) int32: 1 malignant, 0 benign, -1 abstained
+    series_p: np.ndarray  # (Q,) float32 mean image P per series; NaN = abstained
+
+
+def _voters(scores: np.ndarray, d: np.ndarray, det_threshold: float) -> np.ndarray:
+    """Indices (into the series' slices) of the images that vote with a Det term."""
+    has_box = ~np.isnan(d)
+    voting = np.flatnonzero(has_box & (scores >= det_threshold))
+    if voting.size == 0 and has_box.any():
+        voting = np.array([np.argmax(np.where(has_box, scores, -np.inf))])
+    return voting
+
+
+def series_image_p(
+    d: np.ndarray, scores: np.ndarray, m: float, a: float, weights: tuple[float, float, float], det_threshold: float
+) -> np.ndarray:
+    """P of every voting image of one series (Eq. 1, normalised); empty when the series abstains."""
+    l1, l2, l3 = weights
+    fixed_w, fixed_sum = 0.0, 0.0  # the terms shared by all images of the series
+    if l2 > 0 and not math.isnan(m):
+        fixed_w, fixed_sum = fixed_w + l2, fixed_sum + l2 * m
+    if l3 > 0 and not math.isnan(a):
+        fixed_w, fixed_sum = fixed_w + l3, fixed_sum + l3 * a
+    voting = _voters(scores, d, det_threshold) if l1 > 0 else np.array([], np.int64)
+    if voting.size:
+        return ((l1 * d[voting] + fixed_sum) / (l1 + fixed_w)).astype(np.float32)
+    if fixed_w > 0:
+        return np.array([fixed_sum / fixed_w], np.float32)
+    return np.array([], np.float32)
+
+
+def _majority(votes: np.ndarray, mean_p: float) -> int:
+    malignant = int((votes == 1).sum())
+    benign = int((votes == 0).sum())
+    if malignant != benign:
+        return int(malignant > benign)
+    return int(mean_p >= VOTE_THRESHOLD)
+
+
+def fuse(components: Components, weights: tuple[float, float, float], det_threshold: float) -> Decision:
+    """Eq. 1 per image, then majority votes: images -> series -> patient."""
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"fusion weights must be >= 0 with a positive sum, got {weights}")
+    n_series = len(components.series_m)
+    votes = np.full(n_series, -1, np.int32)
+    series_p = np.full(n_series, np.nan, np.float32)
+    for q in range(n_series):
+        members = components.slice_series == q
+        p = series_image_p(
+            components.slice_d[members],
+            components.slice_score[members],
+            float(components.series_m[q]),
+            components.age_a,
+            weights,
+            det_threshold,
+        )
+        if p.size:
+            series_p[q] = p.mean()
+            votes[q] = _majority((p >= VOTE_THRESHOLD).astype(np.int32), float(series_p[q]))
+    voted = votes >= 0
+    if not voted.any():
+        return Decision(1, VOTE_THRESHOLD, votes, series_p)
+    p_patient = float(series_p[voted].mean())
+    return Decision(_majority(votes[voted], p_patient), p_patient, votes, series_p)
+
+
+@dataclass(frozen=True)
+class FusionSettings:
+    """The fusion weights chosen by cross-validation, as written to fusion.json."""
+
+    served_strategy: str = "Det-Seq-Age"
+    det_threshold: float = 0.5
+    strategies: dict[str, tuple[float, float, float]] = field(default_factory=lambda: dict(PAPER_WEIGHTS))
+    cv: dict = field(default_factory=dict)  # per strategy: chosen weights and fold metrics
+
+    @property
+    def served_weights(self) -> tuple[float, float, float]:
+        return self.strategies[self.served_strategy]
+
+    def to_dict(self) -> dict:
+        return {
+            "served_strategy": self.served_strategy,
+            "det_threshold": self.det_threshold,
+            "strategies": {k: list(v) for k, v in self.strategies.items()},
+            "cv": self.cv,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "fusion settings") -> "FusionSettings":
+        try:
+            strategies = {k: tuple(float(x) for x in v) for k, v in data["strategies"].items()}
+            settings = cls(data["served_strategy"], float(data["det_threshold"]), strategies, data.get("cv", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: malformed fusion settings ({e}); rebuild them with wff train") from e
+        unknown = sorted(set(strategies) - set(STRATEGIES))
+        if unknown or settings.served_strategy not in strategies:
+            raise ValueError(f"{where}: strategies must be among {list(STRATEGIES)}, served one included")
+        if any(len(w) != 3 for w in strategies.values()):
+            raise ValueError(f"{where}: every strategy needs three weights (l1, l2, l3)")
+        return settings
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def load_fusion_settings(path: str | Path) -> FusionSettings:
+    path = Path(path)
+    return FusionSettings.from_dict(json.loads(path.read_text()), where=str(path))
+
+
+def weight_grid(mask: tuple[bool, bool, bool], step: float) -> list[tuple[float, float, float]]:
+    """Weights on the simplex with step ``step``, positive exactly on the strategy's terms."""
+    n = round(1 / step)
+    if not math.isclose(n * step, 1.0):
+        raise ValueError(f"grid_step must divide 1, got {step}")
+    active = [i for i, on in enumerate(mask) if on]
+    grid = []
+    for parts in itertools.product(range(1, n + 1), repeat=len(active)):
+        if sum(parts) != n:
+            continue
+        w = [0.0, 0.0, 0.0]
+        for i, p in zip(active, parts):
+            w[i] = round(p * step, 10)
+        grid.append(tuple(w))
+    return grid
