@@ -14,7 +14,6 @@ import click
 COMMANDS = {
     "data": "wff.training.data_cli:data",
     "train": "wff.training.cli:train",
-    "export": "wff.training.cli:export",
     "repo": "wff.serving.cli:repo",
     "serve": "wff.serving.cli:serve",
     "diagnose": "wff.client.cli:diagnose",

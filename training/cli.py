@@ -1,0 +1,58 @@
+"""``wff train``: the training protocol of wff.training.train as a command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from wff.config import PROFILES, Profile, get_profile, profile_from_dict
+
+
+def apply_overrides(profile: Profile, overrides: tuple[str, ...]) -> Profile:
+    """``section.key=value`` overrides (value parsed as JSON, else kept as text)."""
+    data = profile.to_dict()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot or section not in data or field not in data[section]:
+            raise click.BadParameter(f"{item!r}: expected SECTION.KEY=VALUE with a key of the profile, e.g. detector.epochs=2", param_hint="--set")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        data[section][field] = value
+    return profile_from_dict(data, where="--set")
+
+
+def progress_printer(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.command()
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default="small", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Artifacts folder [runs/<profile>].")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a profile value (repeatable).")
+def train(dataset: Path, profile_name: str, out: Path | None, device: str, overrides: tuple[str, ...]) -> None:
+    """Train detector and sequence classifier, choose the fusion weights by cross-validation,
+    export ONNX and write the artifacts the server needs."""
+    from wff.training.train import run_training
+
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
+    profile = apply_overrides(get_profile(profile_name), overrides)
+    out = out or Path("runs") / profile.name
+    try:
+        run_training(dataset, out, profile, device=device, progress=progress_printer)
+    except (ValueError, FileNotFoundError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    report = json.loads((out / "train_report.json").read_text())
+    click.echo(json.dumps({"artifacts": str(out), "cv": report["cv"]["out_of_fold"], "onnx_parity": report["onnx_parity"]}, indent=2))

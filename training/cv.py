@@ -1,0 +1,51 @@
+"""Cross-validation helpers: stratified folds and the choice of l1, l2, l3 per strategy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from wff.config import FusionConfig
+from wff.ensemble.fusion import PAPER_WEIGHTS, STRATEGIES, Components, FusionSettings, weight_grid
+from wff.ensemble.metrics import strategy_metrics
+
+
+def stratified_folds(labels: Sequence[int], k: int, seed: int) -> list[np.ndarray]:
+    """k disjoint index arrays covering every patient, each with the classes in proportion."""
+    labels = np.asarray(labels)
+    if k < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {k}")
+    rng = np.random.default_rng(seed)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        for i, j in enumerate(idx):
+            folds[i % k].append(int(j))
+    if any(len(f) == 0 for f in folds):
+        raise ValueError(f"{len(labels)} patients cannot fill {k} folds; use fewer folds or more patients")
+    return [np.sort(np.array(f)) for f in folds]
+
+
+def choose_weights(
+    components: Sequence[Components], labels: Sequence[int], cfg: FusionConfig
+) -> FusionSettings:
+    """For each strategy, the grid weights with the best out-of-fold ACC (then AUC).
+
+    Remaining ties go to the weights closest to the paper's (normalised), then to grid order,
+    so the choice is deterministic.
+    """
+    strategies: dict[str, tuple[float, float, float]] = {}
+    report: dict[str, dict] = {}
+    for name, mask in STRATEGIES.items():
+        paper = np.array(PAPER_WEIGHTS[name]) / sum(PAPER_WEIGHTS[name])
+        best_key, best = None, None
+        for w in weight_grid(mask, cfg.grid_step):
+            m = strategy_metrics(components, labels, w, cfg.det_threshold)
+            auc = -1.0 if np.isnan(m["auc"]) else m["auc"]
+            key = (m["acc"], auc, -float(np.abs(np.array(w) - paper).sum()))
+            if best_key is None or key > best_key:
+                best_key, best = key, (w, m)
+        strategies[name] = best[0]
+        report[name] = {"weights": list(best[0]), **{k: best[1][k] for k in ("acc", "auc", "se", "sp")}}
+    return FusionSettings(cfg.strategy, cfg.det_threshold, strategies, {"out_of_fold": report, "patients": len(labels)})

@@ -1,0 +1,193 @@
+"""Train the WFF models from a DICOM dataset and write the artifacts the server needs.
+
+    wff train DATASET --profile small --out runs/small            # CPU default
+    wff train DATASET --profile paper --out runs/paper --device cuda
+
+Steps, following the paper's protocol:
+
+1. read the training split (DICOM + LabelMe) through the serving preprocessing;
+2. fit the age prior on the training patients;
+3. k-fold cross-validation (train.cv_folds): for each fold, train a detector and a sequence
+   classifier on the other folds, fit the fold's age prior, and diagnose the held-out patients
+   through the same pipeline as the server (detections -> crop -> classifier -> fusion)
+   to get out-of-fold components; choose l1, l2, l3 for each strategy of Table 3 on them;
+4. train the final detector and classifier on the whole training split;
+5. export both to ONNX, check ONNX Runtime against PyTorch, and write the artifacts:
+   profile.json, detector.pt, classifier.pt, detector.onnx, classifier.onnx, age_prior.json,
+   fusion.json, train_report.json (+ cv_weights.png).
+
+The test split is not touched here: it is used once, by ``wff evaluate``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from wff.config import Profile
+from wff.contracts import StepContract, contracts_for
+from wff.ensemble.age_prior import AgePrior
+from wff.ensemble.fusion import Components, FusionSettings
+from wff.ensemble.pipeline import Pipeline
+from wff.ensemble.steps import preprocess_outputs
+from wff.ensemble.types import AnnotatedPatient
+from wff.training.cv import choose_weights, stratified_folds
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+PARITY_ATOL = 1e-3  # ONNX Runtime vs PyTorch, max abs difference on probabilities and boxes/100
+
+
+class TorchRunner:
+    """A PyTorch module as a pipeline runner: numpy batch in, contract-named numpy outputs."""
+
+    def __init__(self, module, contract: StepContract, device: str = "cpu") -> None:
+        import torch
+
+        self.torch = torch
+        self.module = module.eval().to(device)
+        self.contract = contract
+        self.device = device
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        with self.torch.no_grad():
+            out = self.module(self.torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return {spec.name: t.cpu().numpy().astype(spec.numpy_dtype) for spec, t in zip(self.contract.outputs, out)}
+
+
+def load_split(dataset: Path, split: str, profile: Profile, progress: Progress) -> list[AnnotatedPatient]:
+    from wff.training.dataset import load_patient, load_records
+
+    records = load_records(dataset, split=split)
+    if not records:
+        raise ValueError(f"{dataset}/labels.csv has no patients in split {split!r}")
+    patients = []
+    for i, record in enumerate(records, 1):
+        patients.append(load_patient(record, profile.image))
+        if i % 10 == 0 or i == len(records):
+            progress(f"read {i}/{len(records)} {split} patients")
+    return patients
+
+
+def out_of_fold_components(
+    patients: Sequence[AnnotatedPatient], detector, classifier, prior: AgePrior, profile: Profile, device: str
+) -> list[Components]:
+    """Diagnose patients with in-memory PyTorch models through the serving pipeline."""
+    from wff.training.detector_graph import DetectorGraph
+
+    c = contracts_for(profile)
+    pipeline = Pipeline(
+        profile,
+        TorchRunner(DetectorGraph(detector, profile), c.detector, device),
+        TorchRunner(classifier, c.classifier, device),
+        FusionSettings(),  # components do not depend on the weights
+        prior,
+    )
+    comps = []
+    for p in patients:
+        pre = preprocess_outputs(p.prepared, float(p.record.age), {})
+        comps.append(pipeline.run_from_preprocessed(pre).components())
+    return comps
+
+
+def fit_models(patients: Sequence[AnnotatedPatient], profile: Profile, scale: float, device: str, progress: Progress, tag: str):
+    from wff.training.engine import fit_detector, fit_classifier
+
+    det_epochs = max(1, math.ceil(profile.detector.epochs * scale))
+    cls_epochs = max(1, math.ceil(profile.classifier.epochs * scale))
+
+    def report(kind: str) -> Callable:
+        def cb(step: int, total: int, losses: dict) -> None:
+            if step == total or step % max(1, total // 10) == 0:
+                loss = sum(float(v) for v in losses.values())
+                progress(f"{tag} {kind}: step {step}/{total} loss {loss:.3f}")
+
+        return cb
+
+    t0 = time.perf_counter()
+    detector = fit_detector(patients, profile, det_epochs, device=device, progress=report("detector"), seed=profile.train.seed)
+    t1 = time.perf_counter()
+    classifier = fit_classifier(patients, profile, cls_epochs, device=device, progress=report("classifier"), seed=profile.train.seed)
+    t2 = time.perf_counter()
+    return detector, classifier, {"detector_s": round(t1 - t0, 1), "classifier_s": round(t2 - t1, 1)}
+
+
+def export_and_check(detector, classifier, patients: Sequence[AnnotatedPatient], profile: Profile, out: Path) -> dict:
+    """Export both models to ONNX and compare ONNX Runtime with PyTorch on real training inputs."""
+    import torch
+
+    from wff.ensemble.crop import crop_patient
+    from wff.training.detector_graph import DetectorGraph
+    from wff.training.export import check_onnx, export_classifier, export_detector
+
+    detector, classifier = detector.cpu().eval(), classifier.cpu().eval()
+    graph = DetectorGraph(detector, profile).eval()
+    export_detector(detector, profile, out / "detector.onnx")
+    export_classifier(classifier, profile, out / "classifier.onnx")
+    sample = patients[0].prepared
+    images = torch.from_numpy(np.ascontiguousarray(sample.slices[:4], np.float32))
+    with torch.no_grad():
+        boxes, scores, _, _, count = graph(torch.from_numpy(np.ascontiguousarray(sample.slices, np.float32)))
+    clips, _, _ = crop_patient(
+        sample.slices, sample.slice_series, boxes.numpy(), scores.numpy(), count.numpy(), profile.classifier, profile.fusion.det_threshold
+    )
+    det_diff = check_onnx(out / "detector.onnx", graph, images, atol=PARITY_ATOL * 100)
+    cls_diff = check_onnx(out / "classifier.onnx", classifier, torch.from_numpy(clips), atol=PARITY_ATOL)
+    return {"detector_max_abs_diff": float(det_diff), "classifier_max_abs_diff": float(cls_diff)}
+
+
+def run_training(dataset: str | Path, out: str | Path, profile: Profile, device: str = "cpu", progress: Progress | None = None) -> Path:
+    """The whole protocol above; returns the artifacts folder."""
+    import torch
+
+    from wff.training.engine import save_checkpoint
+
+    progress = progress or log.info
+    dataset, out = Path(dataset), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(profile.train.num_threads)
+    torch.manual_seed(profile.train.seed)
+    t_start = time.perf_counter()
+
+    patients = load_split(dataset, "train", profile, progress)
+    labels = np.array([p.record.label for p in patients])
+    ages = np.array([p.record.age for p in patients], np.float64)
+    prior = AgePrior.fit(ages, labels, profile.age)
+    report: dict = {"profile": profile.name, "patients": len(patients), "malignant": int(labels.sum()), "timings": {}}
+
+    folds = stratified_folds(labels, profile.train.cv_folds, profile.train.seed)
+    oof: list[Components | None] = [None] * len(patients)
+    for k, held_out in enumerate(folds):
+        keep = np.setdiff1d(np.arange(len(patients)), held_out)
+        tag = f"fold {k + 1}/{len(folds)}"
+        det, cls, timing = fit_models([patients[i] for i in keep], profile, profile.train.cv_epoch_scale, device, progress, tag)
+        fold_prior = AgePrior.fit(ages[keep], labels[keep], profile.age)
+        comps = out_of_fold_components([patients[i] for i in held_out], det, cls, fold_prior, profile, device)
+        for i, c in zip(held_out, comps):
+            oof[i] = c
+        report["timings"][tag] = timing
+        progress(f"{tag}: {len(held_out)} held-out patients diagnosed")
+    settings = choose_weights(oof, labels, profile.fusion)
+    report["cv"] = settings.cv
+
+    det, cls, timing = fit_models(patients, profile, 1.0, device, progress, "final")
+    report["timings"]["final"] = timing
+    save_checkpoint(out / "detector.pt", det, profile, "detector", {})
+    save_checkpoint(out / "classifier.pt", cls, profile, "classifier", {})
+    report["onnx_parity"] = export_and_check(det, cls, patients, profile, out)
+
+    profile.save(out / "profile.json")
+    prior.save(out / "age_prior.json")
+    settings.save(out / "fusion.json")
+    report["timings"]["total_s"] = round(time.perf_counter() - t_start, 1)
+    (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    progress(f"artifacts written to {out} in {report['timings']['total_s']} s")
+    return out
