@@ -1,0 +1,37 @@
+"""Cross-validation folds and the choice of fusion weights."""
+
+import numpy as np
+import pytest
+
+from wff.config import FusionConfig
+from wff.ensemble.fusion import Components
+from wff.training.cv import choose_weights, stratified_folds
+
+
+def patient(d, m, a=float("nan")):
+    return Components(np.array([d], np.float32), np.array([0.9], np.float32), np.array([0], np.int32), np.array([m], np.float32), a)
+
+
+class TestStratifiedFolds:
+    def test_partition_and_balance(self):
+        """Folds are disjoint, cover everyone, and split each class evenly."""
+        labels = np.array([0] * 8 + [1] * 12)
+        folds = stratified_folds(labels, 4, seed=0)
+        assert sorted(np.concatenate(folds).tolist()) == list(range(20))
+        assert [int(labels[f].sum()) for f in folds] == [3, 3, 3, 3]
+
+    def test_too_few_patients(self):
+        """More folds than patients is refused with advice."""
+        with pytest.raises(ValueError, match="fewer folds"):
+            stratified_folds([0, 1], 4, seed=0)
+
+
+class TestChooseWeights:
+    def test_det_seq_weights_follow_the_informative_model(self):
+        """When only M separates the classes, Det-Seq puts most weight on Seq."""
+        comps = [patient(0.9, 0.9), patient(0.8, 0.7), patient(0.7, 0.2), patient(0.95, 0.1)]
+        settings = choose_weights(comps, [1, 1, 0, 0], FusionConfig(grid_step=0.1))
+        l1, l2, l3 = settings.strategies["Det-Seq"]
+        assert l2 > l1 and l3 == 0
+        assert settings.cv["out_of_fold"]["Det-Seq"]["acc"] == 1.0
+        assert settings.strategies["Det"] == (1.0, 0.0, 0.0)
