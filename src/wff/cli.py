@@ -16,8 +16,10 @@ COMMANDS = {
     "train": "wff.training.cli:train",
     "repo": "wff.serving.cli:repo",
     "serve": "wff.serving.cli:serve",
+    "trt": "wff.serving.trt_cli:trt",
     "diagnose": "wff.client.cli:diagnose",
     "evaluate": "wff.client.cli:evaluate",
+    "metrics": "wff.client.metrics_cli:metrics",
     "demo": "wff.demo:demo",
 }
 

@@ -1,0 +1,433 @@
+"""docker/ and deploy/: static checks of the GPU deployment (no Docker engine, GPU or cluster here).
+
+* docker/Dockerfile, parsed by BuildKit's own parser (the ``dockerfile`` package): pinned NGC
+  base, every COPY source present, the entrypoint script;
+* docker/entrypoint.sh, run for real with a stand-in ``tritonserver`` on PATH;
+* docker/compose.yaml, Prometheus and Grafana files: wiring, ports, GPU reservation, and every
+  metric the dashboard queries is one Triton 2.51 exports (docker/triton-metrics-2.51.json);
+* deploy/k8s/ manifests against the Kubernetes 1.28 OpenAPI schemas (``kubernetes-validate``,
+  strict) plus probes, ports, labels and the HPA / prometheus-adapter metric;
+* deploy/helm/spine-wff: every ``.Values`` path a template reads exists, and the defaults
+  agree with deploy/k8s/. Rendering the chart needs helm, which is not installed here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+K8S = ROOT / "deploy" / "k8s"
+CHART = ROOT / "deploy" / "helm" / "spine-wff"
+ADAPTER_VALUES = ROOT / "deploy" / "helm" / "prometheus-adapter-values.yaml"
+TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+NGC_IMAGE = re.compile(r"^nvcr\.io/nvidia/tritonserver:(\d\d)\.(\d\d)-py3$")
+K8S_VERSION = "1.28.0"
+HPA_METRIC = "wff_avg_queue_time_per_request_us"
+TRITON_METRICS = set(json.loads((DOCKER / "triton-metrics-2.51.json").read_text())["metrics"])
+METRIC_NAME = re.compile(r"\bnv_[a-z_]+\b")
+
+
+def load_yaml(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def dockerfile_commands():
+    import dockerfile  # BuildKit's parser (dev dependency)
+
+    return dockerfile.parse_file(str(DOCKER / "Dockerfile"))
+
+
+# --------------------------------------------------------------------------- Dockerfile
+
+
+class TestDockerfile:
+    def test_base_image_is_a_pinned_ngc_tritonserver(self):
+        """FROM resolves (through its ARG default) to nvcr.io/nvidia/tritonserver:24.10-py3, never latest."""
+        commands = dockerfile_commands()
+        args = dict(c.value[0].split("=", 1) for c in commands if c.cmd == "ARG" and "=" in c.value[0])
+        (base,) = [c.value[0] for c in commands if c.cmd == "FROM"]
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
+        assert NGC_IMAGE.match(image), image
+        assert image == "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, TensorRT 10.5
+        assert "latest" not in (DOCKER / "Dockerfile").read_text()
+
+    def test_copy_sources_exist(self):
+        """Every COPY source is in the repository (the build context is its root)."""
+        copies = [c for c in dockerfile_commands() if c.cmd == "COPY"]
+        assert copies
+        for c in copies:
+            for source in c.value[:-1]:
+                assert (ROOT / source).exists(), f"COPY {source}: missing"
+
+    def test_copy_sources_not_dockerignored(self):
+        """docker/Dockerfile.dockerignore does not drop what the Dockerfile copies."""
+        lines = (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+        ignored = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+        for c in (c for c in dockerfile_commands() if c.cmd == "COPY"):
+            for source in c.value[:-1]:
+                assert Path(source).parts[0] not in ignored, source
+
+    def test_entrypoint_installed_and_executable(self):
+        """ENTRYPOINT is the copied docker/entrypoint.sh; the script is executable bash that parses."""
+        commands = dockerfile_commands()
+        (entry,) = [c.value for c in commands if c.cmd == "ENTRYPOINT"]
+        copied = {c.value[-1]: c.value[0] for c in commands if c.cmd == "COPY"}
+        assert copied[entry[0]] == "docker/entrypoint.sh"
+        script = DOCKER / "entrypoint.sh"
+        assert script.stat().st_mode & stat.S_IXUSR
+        subprocess.run(["bash", "-n", str(script)], check=True)
+
+    def test_image_installs_pinned_requirements(self):
+        """Serving requirements are pinned, fit tritonclient 2.51 (numpy<2, protobuf<5), and the TensorRT bindings match 10.5."""
+        reqs = [line.split("#")[0].strip() for line in (DOCKER / "requirements.txt").read_text().splitlines()]
+        reqs = [r for r in reqs if r]
+        assert reqs and all("==" in r for r in reqs), reqs
+        pins = {r.split("==")[0].split("[")[0]: r.split("==")[1] for r in reqs}
+        assert pins["tritonclient"] == "2.51.0" and pins["numpy"].startswith("1.") and pins["protobuf"].startswith("4.")
+        assert "torch" not in pins
+        text = (DOCKER / "Dockerfile").read_text()
+        assert "docker/requirements.txt" in text and "TENSORRT_BINDINGS_VERSION=10.5.0" in text and "wff trt versions" in text
+
+
+# --------------------------------------------------------------------------- entrypoint
+
+
+@pytest.fixture
+def fake_tritonserver(tmp_path):
+    """A `tritonserver` on PATH that records its arguments; the venv's `wff` beside it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "tritonserver.args"
+    fake = bin_dir / "tritonserver"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return env, record
+
+
+def run_entrypoint(env, *args, **extra):
+    return subprocess.run(["bash", str(DOCKER / "entrypoint.sh"), *args], env={**env, **extra},
+                          capture_output=True, text=True, timeout=120)
+
+
+class TestEntrypoint:
+    def test_serve_builds_then_execs_tritonserver(self, fake_tritonserver, tiny_artifacts, tmp_path):
+        """CPU variant: onnxruntime repository with KIND_CPU, then tritonserver with shm, ports and metrics flags."""
+        env, record = fake_tritonserver
+        state = tmp_path / "state"
+        result = run_entrypoint(env, "serve", "--log-info=true", WFF_ARTIFACTS=str(tiny_artifacts), WFF_STATE=str(state),
+                                WFF_TARGET="onnxruntime", WFF_INSTANCE_KIND="KIND_CPU")
+        assert result.returncode == 0, result.stderr
+        assert "KIND_CPU" in (state / "repository" / "detector" / "config.pbtxt").read_text()
+        args = record.read_text().split()
+        assert f"--model-repository={state / 'repository'}" in args
+        assert {"--http-port=8000", "--grpc-port=8001", "--metrics-port=8002", "--allow-metrics=true",
+                "--allow-gpu-metrics=false", "--backend-config=python,shm-default-byte-size=67108864",
+                "--backend-config=python,shm-growth-byte-size=67108864", "--log-info=true"} <= set(args)
+
+    def test_prepare_is_idempotent_and_follows_artifacts(self, fake_tritonserver, tiny_artifacts, tmp_path):
+        """A second prepare keeps the repository; changed artifacts rebuild it."""
+        env, _ = fake_tritonserver
+        artifacts = tmp_path / "artifacts"
+        shutil.copytree(tiny_artifacts, artifacts)
+        common = {"WFF_ARTIFACTS": str(artifacts), "WFF_STATE": str(tmp_path / "state"), "WFF_TARGET": "embedded"}
+        first = run_entrypoint(env, "prepare", **common)
+        assert first.returncode == 0 and "building the embedded repository" in first.stderr
+        second = run_entrypoint(env, "prepare", **common)
+        assert second.returncode == 0 and "building" not in second.stderr
+        fusion = json.loads((artifacts / "fusion.json").read_text())
+        (artifacts / "fusion.json").write_text(json.dumps(fusion, indent=1))
+        third = run_entrypoint(env, "prepare", **common)
+        assert third.returncode == 0 and "building the embedded repository" in third.stderr
+
+    def test_missing_artifacts(self, fake_tritonserver, tmp_path):
+        """No wff train output: exit 2 and say what to mount."""
+        env, record = fake_tritonserver
+        result = run_entrypoint(env, "serve", WFF_ARTIFACTS=str(tmp_path / "none"), WFF_STATE=str(tmp_path / "s"))
+        assert result.returncode == 2 and "/models/artifacts" in result.stderr and not record.exists()
+
+    def test_tensorrt_target_runs_trt_build(self, fake_tritonserver, tiny_artifacts, tmp_path):
+        """The tensorrt target calls `wff trt build` after the repository; here it stops there (no TensorRT)."""
+        env, record = fake_tritonserver
+        result = run_entrypoint(env, "serve", WFF_ARTIFACTS=str(tiny_artifacts), WFF_STATE=str(tmp_path / "s"), WFF_TARGET="tensorrt")
+        assert result.returncode == 1 and "TensorRT is not installed" in result.stderr and not record.exists()
+        assert (tmp_path / "s" / "repository" / "detector" / "1" / "model.onnx").is_file()
+
+
+# --------------------------------------------------------------------------- compose, Prometheus, Grafana
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return load_yaml(DOCKER / "compose.yaml")
+
+
+def published(service) -> set[int]:
+    return {int(str(p).split(":")[-1].split("/")[0]) for p in service["ports"]}
+
+
+class TestCompose:
+    def test_triton_services(self, compose):
+        """gpu and cpu profiles: both publish 8000-8002 and answer as `triton` on the network."""
+        services = compose["services"]
+        for name, profile in (("triton", "gpu"), ("triton-cpu", "cpu")):
+            s = services[name]
+            assert s["profiles"] == [profile]
+            assert published(s) == set(TRITON_PORTS.values())
+            assert "triton" in s["networks"]["default"]["aliases"]
+            assert (ROOT / s["build"]["dockerfile"]).is_file() and s["build"]["context"] == ".."
+            assert any(v.endswith(":/models/artifacts:ro") for v in s["volumes"])
+            assert s["shm_size"]
+
+    def test_gpu_reservation_only_on_gpu_service(self, compose):
+        """The tensorrt service reserves an NVIDIA GPU; the CPU one uses the onnxruntime target on KIND_CPU."""
+        gpu = compose["services"]["triton"]
+        (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and device["count"] == 1
+        assert gpu["environment"]["WFF_TARGET"] == "tensorrt"
+        cpu = compose["services"]["triton-cpu"]
+        assert "deploy" not in cpu and cpu["environment"] == {"WFF_TARGET": "onnxruntime", "WFF_INSTANCE_KIND": "KIND_CPU"}
+
+    def test_healthcheck_is_readiness(self, compose):
+        """The healthcheck asks /v2/health/ready on the HTTP port, with a start period for plan builds."""
+        check = compose["services"]["triton"]["healthcheck"]
+        assert "localhost:8000/v2/health/ready" in " ".join(check["test"]) and check["start_period"]
+
+    def test_bind_mounts_exist(self, compose):
+        """Every relative bind mount of Prometheus and Grafana points at a file in docker/."""
+        for name in ("prometheus", "grafana"):
+            for volume in compose["services"][name]["volumes"]:
+                source = volume.split(":")[0]
+                if source.startswith("./"):
+                    assert (DOCKER / source).exists(), f"{name}: {source}"
+
+    def test_images_pinned(self, compose):
+        """Third-party images carry an explicit version tag."""
+        for name in ("prometheus", "grafana"):
+            image = compose["services"][name]["image"]
+            assert re.search(r":v?\d+\.\d+\.\d+$", image), image
+
+    def test_prometheus_scrapes_triton(self):
+        """Prometheus scrapes triton:8002/metrics."""
+        config = load_yaml(DOCKER / "prometheus" / "prometheus.yml")
+        (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "triton"]
+        assert job["metrics_path"] == "/metrics"
+        assert ["triton:8002"] == [t for c in job["static_configs"] for t in c["targets"]]
+
+
+@pytest.fixture(scope="module")
+def dashboard():
+    return json.loads((DOCKER / "grafana" / "dashboards" / "spine-wff-triton.json").read_text())
+
+
+def panel_exprs(dashboard) -> dict[str, list[str]]:
+    return {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in dashboard["panels"] if p["type"] != "row"}
+
+
+class TestGrafana:
+    def test_provisioning_wiring(self, compose, dashboard):
+        """Datasource uid = the panels' uid; the dashboard provider reads the mounted folder."""
+        (ds,) = load_yaml(DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml")["datasources"]
+        assert ds["url"] == "http://prometheus:9090"
+        uids = {p["datasource"]["uid"] for p in dashboard["panels"] if "datasource" in p}
+        uids |= {t["datasource"]["uid"] for p in dashboard["panels"] for t in p.get("targets", [])}
+        assert uids == {ds["uid"]}
+        (provider,) = load_yaml(DOCKER / "grafana" / "provisioning" / "dashboards" / "dashboards.yml")["providers"]
+        mounts = dict(v.split(":")[:2] for v in compose["services"]["grafana"]["volumes"] if v.startswith("./"))
+        assert mounts["./grafana/dashboards"] == provider["options"]["path"]
+        assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+
+    def test_only_triton_251_metrics(self, dashboard):
+        """Every nv_* name in the dashboard's PromQL is a metric Triton 2.51 exports."""
+        names = {m for exprs in panel_exprs(dashboard).values() for e in exprs for m in METRIC_NAME.findall(e)}
+        names |= set(METRIC_NAME.findall(json.dumps(dashboard["templating"])))
+        assert names and names <= TRITON_METRICS, sorted(names - TRITON_METRICS)
+
+    def test_required_panels(self, dashboard):
+        """Rate/failures per model, queue vs compute per request, GPU utilisation and memory."""
+        text = json.dumps(panel_exprs(dashboard))
+        for metric in ("nv_inference_request_success", "nv_inference_request_failure", "nv_inference_queue_duration_us",
+                       "nv_inference_compute_infer_duration_us", "nv_inference_compute_input_duration_us",
+                       "nv_inference_compute_output_duration_us", "nv_inference_request_duration_us", "nv_gpu_utilization",
+                       "nv_gpu_memory_used_bytes"):
+            assert metric in text, metric
+        exprs = panel_exprs(dashboard)
+        queue = [e for e in exprs["Queue vs compute time per request"] if "queue_duration" in e]
+        assert queue and "/ sum by (model) (rate(nv_inference_request_success" in queue[0]
+        assert all("by (model" in e for e in exprs["Failures per model"] + exprs["Request rate per model"])
+
+    def test_metric_list_source(self):
+        """The metric list names its source (server docs at tag v2.51.0)."""
+        data = json.loads((DOCKER / "triton-metrics-2.51.json").read_text())
+        assert data["triton_version"] == "2.51.0" and data["source"]["tag"] == "v2.51.0"
+        assert data["container"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+
+
+# --------------------------------------------------------------------------- Kubernetes manifests
+
+
+def k8s_docs() -> dict[str, dict]:
+    docs = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            docs[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
+    return docs
+
+
+@pytest.fixture(scope="module")
+def manifests():
+    return k8s_docs()
+
+
+def pod_containers(deployment):
+    spec = deployment["spec"]["template"]["spec"]
+    return {c["name"]: c for c in spec.get("initContainers", []) + spec["containers"]}
+
+
+class TestKubernetesManifests:
+    def test_kustomization_lists_every_manifest(self):
+        """kustomization.yaml names every manifest of the app (the adapter's ConfigMap lives in its own namespace)."""
+        listed = set(load_yaml(K8S / "kustomization.yaml")["resources"])
+        assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "prometheus-adapter-config.yaml"}
+
+    def test_schemas(self, manifests):
+        """Core kinds validate strictly against the Kubernetes 1.28 OpenAPI schemas."""
+        import kubernetes_validate as kv  # bundled Kubernetes OpenAPI schemas (dev dependency)
+
+        core = {k: d for k, d in manifests.items() if not d["apiVersion"].startswith("monitoring.coreos.com")}
+        assert {"Deployment/spine-wff", "Service/spine-wff", "HorizontalPodAutoscaler/spine-wff",
+                "PersistentVolumeClaim/spine-wff-artifacts", "ConfigMap/adapter-config"} <= set(core)
+        for doc in core.values():
+            kv.validate(doc, K8S_VERSION, strict=True)
+
+    def test_probes_ports_and_gpu(self, manifests):
+        """tritonserver: live/ready probes on the named HTTP port, ports 8000-8002, one GPU, /dev/shm in memory."""
+        deployment = manifests["Deployment/spine-wff"]
+        containers = pod_containers(deployment)
+        triton = containers["triton"]
+        assert {p["name"]: p["containerPort"] for p in triton["ports"]} == TRITON_PORTS
+        assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+        assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+        assert triton["startupProbe"]["httpGet"]["port"] == "http"
+        for c in containers.values():
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert containers["prepare"]["args"] == ["prepare"] and triton["args"] == ["serve"]
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+        assert {m["mountPath"] for m in triton["volumeMounts"]} == {"/models/artifacts", "/models/state", "/dev/shm"}
+
+    def test_labels_and_selectors(self, manifests):
+        """Service and ServiceMonitor select the pod template's labels; scrape annotations name port 8002."""
+        deployment = manifests["Deployment/spine-wff"]
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert deployment["spec"]["selector"]["matchLabels"] == pod_labels
+        assert pod_labels["app.kubernetes.io/name"] == "spine-wff"
+        service = manifests["Service/spine-wff"]
+        assert service["spec"]["selector"] == pod_labels
+        assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {k: (v, k) for k, v in TRITON_PORTS.items()}
+        monitor = manifests["ServiceMonitor/spine-wff"]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "8002", "prometheus.io/path": "/metrics"}
+
+    def test_hpa_metric_served_by_adapter_rule(self, manifests):
+        """The HPA's pods metric is the adapter rule's output: rate(queue us) / rate(successes) of Triton counters."""
+        hpa = manifests["HorizontalPodAutoscaler/spine-wff"]
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "spine-wff"}
+        (metric,) = hpa["spec"]["metrics"]
+        assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == HPA_METRIC
+        config = yaml.safe_load(manifests["ConfigMap/adapter-config"]["data"]["config.yaml"])
+        (rule,) = config["rules"]
+        assert rule["name"]["as"] == HPA_METRIC
+        query = rule["metricsQuery"]
+        assert re.search(r"rate\(nv_inference_queue_duration_us\{.*\}\[1m\]\).*/.*rate\(nv_inference_request_success\{", query)
+        assert set(METRIC_NAME.findall(query + rule["seriesQuery"])) <= TRITON_METRICS
+        assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+
+    def test_adapter_rule_same_in_helm_values(self, manifests):
+        """deploy/helm/prometheus-adapter-values.yaml carries the same rule as the ConfigMap."""
+        config = yaml.safe_load(manifests["ConfigMap/adapter-config"]["data"]["config.yaml"])
+        assert load_yaml(ADAPTER_VALUES)["rules"]["custom"] == config["rules"]
+
+    @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+    def test_kustomize_builds(self):
+        """`kubectl kustomize deploy/k8s` builds the set offline."""
+        out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=True).stdout
+        kinds = [d["kind"] for d in yaml.safe_load_all(out)]
+        assert sorted(kinds) == sorted(d["kind"] for d in k8s_docs().values() if d["kind"] != "ConfigMap")
+
+
+# --------------------------------------------------------------------------- Helm chart
+
+
+VALUES_REF = re.compile(r"\.Values((?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
+
+
+def chart_templates() -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted((CHART / "templates").iterdir())}
+
+
+class TestHelmChart:
+    def test_chart_metadata(self):
+        """Chart.yaml: apiVersion v2, semver version, appVersion = the image tag default."""
+        chart = load_yaml(CHART / "Chart.yaml")
+        values = load_yaml(CHART / "values.yaml")
+        assert chart["apiVersion"] == "v2" and chart["name"] == "spine-wff"
+        assert re.match(r"^\d+\.\d+\.\d+$", chart["version"])
+        assert values["image"]["tag"] == chart["appVersion"]
+
+    def test_values_paths_exist(self):
+        """Every .Values path a template reads is defined in values.yaml."""
+        values = load_yaml(CHART / "values.yaml")
+        for name, text in chart_templates().items():
+            for path in VALUES_REF.findall(text):
+                node = values
+                for key in path.strip(".").split("."):
+                    assert isinstance(node, dict) and key in node, f"{name}: .Values{path}"
+                    node = node[key]
+
+    def test_includes_defined_and_braces_balanced(self):
+        """Templates include only helpers defined in _helpers.tpl; {{ and }} pair up."""
+        templates = chart_templates()
+        defined = set(re.findall(r'define "([^"]+)"', templates["_helpers.tpl"]))
+        for name, text in templates.items():
+            assert set(re.findall(r'include "([^"]+)"', text)) <= defined, name
+            assert text.count("{{") == text.count("}}"), name
+
+    def test_templates_cover_the_objects(self):
+        """The chart has the same kinds as deploy/k8s (the adapter rule lives in its own values file)."""
+        kinds = {m for text in chart_templates().values() for m in re.findall(r"^kind: (\w+)$", text, flags=re.M)}
+        assert kinds == {d["kind"] for d in k8s_docs().values()} - {"ConfigMap"}
+
+    def test_defaults_match_plain_manifests(self, manifests):
+        """values.yaml defaults = what deploy/k8s spells out (ports, resources, HPA, env names, probes)."""
+        values = load_yaml(CHART / "values.yaml")
+        assert values["service"]["ports"] == TRITON_PORTS
+        deployment = manifests["Deployment/spine-wff"]
+        triton = pod_containers(deployment)["triton"]
+        assert triton["resources"] == values["resources"]
+        hpa = manifests["HorizontalPodAutoscaler/spine-wff"]["spec"]
+        auto = values["autoscaling"]
+        assert (hpa["minReplicas"], hpa["maxReplicas"]) == (auto["minReplicas"], auto["maxReplicas"])
+        assert hpa["metrics"][0]["pods"]["target"]["averageValue"] == auto["targetAverageValue"]
+        assert hpa["metrics"][0]["pods"]["metric"]["name"] == auto["metricName"] == HPA_METRIC
+        helper_env = re.findall(r"- name: (WFF_\w+)", chart_templates()["_helpers.tpl"])
+        assert helper_env == [e["name"] for e in triton["env"]]
+        for probe in ("startup", "liveness", "readiness"):
+            assert triton[f"{probe}Probe"]["periodSeconds"] == values["probes"][probe]["periodSeconds"]
+        deployment_tpl = chart_templates()["deployment.yaml"]
+        assert "path: /v2/health/live" in deployment_tpl and "path: /v2/health/ready" in deployment_tpl
