@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from wff.config import ClassifierConfig
+from wff.ensemble.resample import bilinear_matrix
 
 
 @dataclass(frozen=True)
@@ -75,20 +76,6 @@ def expand_box(box: tuple[float, float, float, float], margin: float, image_size
     return float(x1), float(y1), float(max(x2, x1 + 1)), float(max(y2, y1 + 1))
 
 
-def _bilinear_matrix(start: float, stop: float, out: int, size: int) -> np.ndarray:
-    """(out, size) matrix sampling [start, stop) of a 1-D signal at ``out`` pixel centres."""
-    centres = start + (np.arange(out) + 0.5) * (stop - start) / out - 0.5
-    centres = np.clip(centres, 0, size - 1)
-    lo = np.floor(centres).astype(np.int64)
-    hi = np.minimum(lo + 1, size - 1)
-    frac = (centres - lo).astype(np.float32)
-    m = np.zeros((out, size), np.float32)
-    rows = np.arange(out)
-    np.add.at(m, (rows, lo), 1 - frac)
-    np.add.at(m, (rows, hi), frac)
-    return m
-
-
 def crop_clip(slices: np.ndarray, box: tuple[float, float, float, float], indices: np.ndarray, out_size: int) -> np.ndarray:
     """Crop ``box`` from ``slices[indices]`` and resize bilinearly to out_size x out_size.
 
@@ -96,8 +83,8 @@ def crop_clip(slices: np.ndarray, box: tuple[float, float, float, float], indice
     """
     _, height, width = slices.shape
     x1, y1, x2, y2 = box
-    ry = _bilinear_matrix(y1, y2, out_size, height)  # (C, H)
-    rx = _bilinear_matrix(x1, x2, out_size, width)  # (C, W)
+    ry = bilinear_matrix(y1, y2, out_size, height)  # (C, H)
+    rx = bilinear_matrix(x1, x2, out_size, width)  # (C, W)
     picked = slices[indices].astype(np.float32, copy=False)  # (N, H, W)
     return np.einsum("ch,nhw,dw->ncd", ry, picked, rx, optimize=True).astype(np.float32)
 

@@ -40,8 +40,8 @@ class LazyGroup(click.Group):
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """spine-wff: benign/malignant spinal tumour diagnosis from sagittal MRI, served by Triton."""
-    level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("wff").setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -36,8 +37,10 @@ def _stage(name: str) -> None:
 @click.option("--fresh", is_flag=True, help="Redo every stage even if its output exists.")
 def demo(size, data_dir, out, profile_name, overrides, concurrency, grpc_port, http_port, metrics_port, fresh) -> None:
     """Synthesize, train, serve with tritonserver and evaluate the test split over gRPC."""
-    from wff.client.evaluate import evaluate_dataset
+    from wff.client.evaluate import evaluate
+    from wff.ensemble.metrics import format_table
     from wff.serving.repository import build_repository
+    from wff.training.dataset import load_records
     from wff.serving.server import TritonServer
     from wff.training.synth import SIZES, synthesize_dataset
     from wff.training.train import run_training
@@ -64,24 +67,22 @@ def demo(size, data_dir, out, profile_name, overrides, concurrency, grpc_port, h
     timings["train_s"] = round(time.perf_counter() - t, 1)
 
     _stage(f"3/4 embedded Triton repository -> {repository}")
-    shutil.rmtree(repository, ignore_errors=True)
-    build_repository(artifacts, repository, "embedded")
+    build_repository(repository, "embedded", artifacts=artifacts, overwrite=True)
 
     _stage("4/4 tritonserver + gRPC evaluation of the test split")
     t = time.perf_counter()
     with TritonServer(repository, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port) as server:
         click.echo(f"tritonserver ready: gRPC {server.grpc_url}, metrics {server.metrics_url}", err=True)
-        result = evaluate_dataset(
-            data_dir,
-            split="test",
-            url=server.grpc_url,
-            concurrency=concurrency,
-            json_path=out / "evaluation.json",
-            csv_path=out / "evaluation.csv",
-        )
+        records = load_records(data_dir, split="test")
+        with click.progressbar(length=len(records), label=f"diagnosing {len(records)} test patients", file=sys.stderr) as bar:
+            result = evaluate(records, url=server.grpc_url, concurrency=concurrency, on_done=lambda _: bar.update(1))
+    result.write_csv(out / "evaluation.csv")
+    (out / "evaluation.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     timings["serve_and_evaluate_s"] = round(time.perf_counter() - t, 1)
     timings["total_s"] = round(time.perf_counter() - t0, 1)
     (out / "demo_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
-    click.echo(result.table_text())
-    click.echo(f"seconds per patient (served, concurrency {concurrency}): {result.seconds_per_patient:.3f}")
+    click.echo(f"Table 3 on the test split, served by tritonserver over gRPC ({len(result.results)} patients, {result.errors} errors):")
+    click.echo(format_table(result.table))
+    click.echo(f"served strategy {result.settings.served_strategy}, weights {result.settings.served_weights}")
+    click.echo(f"seconds per patient (wall time / patients, concurrency {concurrency}): {result.seconds_per_patient:.3f}")
     click.echo(f"stage timings: {json.dumps(timings)}")
