@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 SAGITTAL_MIN_COS = 0.8  # |normal . x| >= this: within about 37 degrees of sagittal
 # SeriesDescription patterns, checked in order (STIR before T2: "T2 FS" / "STIR" are fat-suppressed T2).
 SEQUENCE_PATTERNS: tuple[tuple[str, str], ...] = (
-    ("STIR", r"(?i)stir|tirm|\bfs\b|fat\s*sat|fatsat|t2.*(fs|spair|spir|fat|dixon[_ ]?w)|spair|ideal"),
+    ("STIR", r"(?i)stir|tirm|\bfs\b|fat[\s_-]*sat|\bspair\b|\bspir\b|\bdixon[_ ]?w\b"),
     ("T1", r"(?i)t1"),
     ("T2", r"(?i)t2"),
 )
