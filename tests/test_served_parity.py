@@ -1,0 +1,79 @@
+"""The served ensemble on a tiny TRAINED model equals the in-process pipeline, patient by patient.
+
+A tiny synthetic dataset is generated and a small model trained on it (a few optimiser steps,
+two folds) during the session; the embedded repository is served by the real tritonserver.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from wff.client.grpc_client import DiagnosisClient, read_patient_files
+from wff.client.metrics import fetch_metrics, per_model
+from wff.config import SMALL
+from wff.ensemble.pipeline import Pipeline
+from wff.serving.repository import build_repository
+from wff.serving.server import TritonServer
+from wff.training.dataset import load_records
+from wff.training.synth import synthesize_dataset
+from wff.training.train import run_training
+
+P_ATOL = 1e-3  # served vs in-process |P(malignant)|; batching may reorder float sums
+TINY_TRAINED = SMALL.replace(
+    image={"size": 128},
+    detector={"epochs": 1, "batch_size": 4, "anchor_sizes": (8, 16, 32, 64), "rpn_post_nms_top_n": 24},
+    classifier={"epochs": 1, "batch_size": 4, "clip_len": 8, "crop_size": 32},
+    train={"cv_folds": 2},
+)
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    data = synthesize_dataset(root / "data", 6, 4, seed=3)
+    artifacts = run_training(data, root / "artifacts", TINY_TRAINED)
+    return data, artifacts
+
+
+@pytest.fixture(scope="module")
+def served(trained, tmp_path_factory):
+    _, artifacts = trained
+    repo = build_repository(tmp_path_factory.mktemp("repo") / "repository", "embedded", artifacts=artifacts)
+    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0) as server:
+        yield server
+
+
+class TestServedParity:
+    def test_every_test_patient_matches_in_process(self, trained, served):
+        """Same label and |dP| <= P_ATOL for every test patient; same votes and components."""
+        data, artifacts = trained
+        pipeline = Pipeline.from_artifacts(artifacts)
+        records = load_records(data, "test")
+        assert len(records) == 4
+        with DiagnosisClient(served.grpc_url) as client:
+            for record in records:
+                files = read_patient_files(record.path)
+                remote = client.diagnose(files, age=record.age)
+                local = pipeline.diagnose_files(files, age=record.age)
+                assert remote.label == local.label, record.patient_id
+                assert abs(remote.p_malignant - local.p_malignant) <= P_ATOL, record.patient_id
+                np.testing.assert_array_equal(remote.series_votes, local.series_votes)
+                np.testing.assert_allclose(remote.series_m, local.series_m, atol=P_ATOL)
+                np.testing.assert_allclose(remote.slice_d, local.slice_d, atol=P_ATOL, equal_nan=True)
+                assert math.isclose(remote.age_a, local.age_a, abs_tol=1e-6)
+
+    def test_metrics_count_every_model(self, trained, served):
+        """After a diagnosis, Triton's metrics count a request for each step and the ensemble."""
+        data, _ = trained
+        record = load_records(data, "test")[0]
+        before = per_model(fetch_metrics(served.metrics_url))
+        with DiagnosisClient(served.grpc_url) as client:
+            client.diagnose(read_patient_files(record.path), age=None)
+        after = per_model(fetch_metrics(served.metrics_url))
+        for model in ("wff_diagnosis", "preprocess", "detector", "crop", "classifier", "fusion"):
+            assert after[model]["success"] >= before.get(model, {}).get("success", 0) + 1, model
