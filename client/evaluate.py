@@ -1,0 +1,170 @@
+"""Diagnose a dataset split over gRPC and score the six fusion strategies of Table 3.
+
+Every patient is sent once, with up to ``concurrency`` requests in flight. The server returns
+the fusion components (D per slice, M per series, A), so every strategy's decision is
+recomputed here with ``wff.ensemble.fusion`` and the weights from the fusion model's config
+parameters: no second inference. Malignant is the positive class.
+
+Dataset layout: ``DATASET/labels.csv`` (patient_id,label,age,location,split) and one folder
+``DATASET/<patient_id>/`` of DICOM files per patient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wff.client.grpc_client import DEFAULT_TIMEOUT_S, AsyncDiagnosisClient, DiagnosisError, read_patient_files
+from wff.config import LABELS
+from wff.ensemble.diagnosis import Diagnosis
+from wff.ensemble.fusion import FusionSettings
+from wff.ensemble.metrics import strategy_table
+from wff.ensemble.types import PatientRecord
+
+METRICS = ("acc", "auc", "se", "sp")
+CSV_FIELDS = ("patient_id", "label", "predicted_label", "p_malignant", "n_series", "seconds", "error")
+
+
+def read_labels(dataset: str | Path, split: str | None = None) -> list[PatientRecord]:
+    """Rows of ``DATASET/labels.csv`` (label benign|malignant or 0|1; age may be empty), optionally one split."""
+    dataset = Path(dataset)
+    path = dataset / "labels.csv"
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path}: no labels.csv; expected columns patient_id,label,age,location,split") from e
+    records = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            label = row["label"].strip().lower()
+            label_id = LABELS.index(label) if label in LABELS else int(label)
+            if label_id not in (0, 1):
+                raise ValueError(f"label {row['label']!r}")
+            age = row.get("age", "").strip()
+            records.append(
+                PatientRecord(
+                    row["patient_id"], label_id, float(age) if age else math.nan, row.get("location", ""),
+                    row["split"].strip(), dataset / row["patient_id"],
+                )
+            )
+        except (KeyError, ValueError, AttributeError) as e:
+            raise ValueError(f"{path}:{line}: bad row ({e}); labels are {list(LABELS)} or 0/1") from e
+    return [r for r in records if split is None or r.split == split]
+
+
+@dataclass
+class PatientResult:
+    patient_id: str
+    label: int  # 0 benign, 1 malignant
+    seconds: float  # request time, file reading included
+    diagnosis: Diagnosis | None = None
+    error: str | None = None  # why no diagnosis came back
+
+    def csv_row(self) -> dict:
+        dx = self.diagnosis
+        return {
+            "patient_id": self.patient_id,
+            "label": LABELS[self.label],
+            "predicted_label": dx.label if dx else "",
+            "p_malignant": f"{dx.p_malignant:.6f}" if dx else "",
+            "n_series": len(dx.series_m) if dx else "",
+            "seconds": f"{self.seconds:.3f}",
+            "error": self.error or "",
+        }
+
+
+@dataclass
+class Evaluation:
+    results: list[PatientResult]
+    settings: FusionSettings
+    wall_s: float
+    table: dict[str, dict[str, float]] = field(default_factory=dict)  # strategy -> acc, auc, se, sp
+
+    @property
+    def errors(self) -> int:
+        return sum(r.diagnosis is None for r in self.results)
+
+    @property
+    def seconds_per_patient(self) -> float:
+        return self.wall_s / len(self.results) if self.results else math.nan
+
+    def to_dict(self) -> dict:
+        def num(v: float):
+            return None if v is None or math.isnan(v) else round(float(v), 6)
+
+        return {
+            "strategies": {name: {k: num(m[k]) for k in METRICS} for name, m in self.table.items()},
+            "seconds_per_patient": num(self.seconds_per_patient),
+            "patients": len(self.results),
+            "errors": self.errors,
+        }
+
+    def write_csv(self, path: str | Path) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(r.csv_row() for r in self.results)
+
+
+async def diagnose_records(
+    client: AsyncDiagnosisClient,
+    records: Sequence[PatientRecord],
+    concurrency: int,
+    on_done: Callable[[PatientResult], None] | None = None,
+) -> list[PatientResult]:
+    """Every record diagnosed with at most ``concurrency`` requests in flight; results in record order."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(record: PatientRecord) -> PatientResult:
+        async with gate:
+            started = time.perf_counter()
+            try:
+                files = await asyncio.to_thread(read_patient_files, record.path)
+                age = None if math.isnan(record.age) else record.age
+                result = PatientResult(record.patient_id, record.label, 0.0, diagnosis=await client.diagnose(files, age))
+            except (DiagnosisError, FileNotFoundError, ValueError) as e:
+                result = PatientResult(record.patient_id, record.label, 0.0, error=str(e))
+            result.seconds = time.perf_counter() - started
+        if on_done:
+            on_done(result)
+        return result
+
+    return list(await asyncio.gather(*(one(r) for r in records)))
+
+
+def score(results: Sequence[PatientResult], settings: FusionSettings) -> dict[str, dict[str, float]]:
+    """Table 3 over the patients that got a diagnosis."""
+    done = [r for r in results if r.diagnosis is not None]
+    if not done:
+        return {}
+    return strategy_table([r.diagnosis.components() for r in done], [r.label for r in done], settings)
+
+
+async def evaluate_async(
+    records: Sequence[PatientRecord],
+    url: str = "localhost:8001",
+    concurrency: int = 4,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    ssl: bool = False,
+    root_certificates: str | None = None,
+    on_done: Callable[[PatientResult], None] | None = None,
+) -> Evaluation:
+    async with AsyncDiagnosisClient(url, ssl, root_certificates, timeout_s) as client:
+        settings = await client.fusion_settings()  # fails fast when no server answers
+        started = time.perf_counter()
+        results = await diagnose_records(client, records, concurrency, on_done)
+        wall = time.perf_counter() - started
+    return Evaluation(results, settings, wall, score(results, settings))
+
+
+def evaluate(records: Sequence[PatientRecord], **kwargs) -> Evaluation:
+    """Blocking wrapper of :func:`evaluate_async` (same keyword arguments)."""
+    return asyncio.run(evaluate_async(records, **kwargs))

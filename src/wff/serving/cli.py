@@ -1,0 +1,86 @@
+"""``wff repo build`` and ``wff serve``: thin click commands over repository.py and server.py."""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+import click
+
+from wff.config import PROFILES
+
+
+@click.group()
+def repo() -> None:
+    """Triton model repositories."""
+
+
+@repo.command("build")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--target", type=click.Choice(["embedded", "tensorrt", "onnxruntime"]), default="embedded", show_default=True,
+              help="embedded: Python backend over ONNX Runtime (CPU, this machine); onnxruntime / tensorrt: NGC container.")
+@click.option("--artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="wff train output (profile.json, detector.onnx, classifier.onnx, age_prior.json, fusion.json).")
+@click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default="small", show_default=True,
+              help="Profile for a configs-only repository (without --artifacts).")
+@click.option("--instance-kind", type=click.Choice(["KIND_CPU", "KIND_GPU"]), help="Override the detector/classifier instance kind.")
+@click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
+def build(out: Path, target: str, artifacts: Path | None, profile_name: str, instance_kind: str | None, force: bool) -> None:
+    """Write a complete Triton model repository for TARGET into OUT."""
+    from wff.serving.repository import build_repository
+
+    try:
+        build_repository(out, target, artifacts, PROFILES[profile_name], instance_kind, overwrite=force)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{target} repository written to {out}" + ("" if artifacts else " (configs only: no --artifacts)"))
+
+
+@click.command()
+@click.option("--repository", type=click.Path(exists=True, file_okay=False, path_type=Path), help="A model repository (wff repo build).")
+@click.option("--artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="wff train output; an embedded repository is built from it into a temporary folder.")
+@click.option("--address", default="127.0.0.1", show_default=True, help="Address for all endpoints.")
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--log-verbose", default=0, show_default=True, type=click.IntRange(0, 3), help="tritonserver --log-verbose.")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Write the server log here (default: a temporary file).")
+@click.option("--timeout", "startup_timeout", default=120.0, show_default=True, help="Seconds to wait for the server to be ready.")
+def serve(repository: Path | None, artifacts: Path | None, address: str, grpc_port: int, http_port: int, metrics_port: int,
+          log_verbose: int, log_file: Path | None, startup_timeout: float) -> None:
+    """Run tritonserver on a model repository until Ctrl-C or SIGTERM."""
+    from wff.serving.repository import build_repository
+    from wff.serving.server import ServerError, TritonServer
+
+    if (repository is None) == (artifacts is None):
+        raise click.UsageError("give exactly one of --repository DIR or --artifacts DIR")
+    with tempfile.TemporaryDirectory(prefix="wff-repo-") as tmp:
+        if artifacts is not None:
+            try:
+                repository = build_repository(Path(tmp) / "repository", "embedded", artifacts)
+            except (FileNotFoundError, ValueError) as e:
+                raise click.ClickException(str(e)) from e
+        server = TritonServer(repository, address, grpc_port, http_port, metrics_port, log_verbose, log_file, startup_timeout)
+        stop = threading.Event()
+        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            server.start()
+            click.echo(f"tritonserver ready in {server.startup_s:.1f} s (repository {repository})")
+            click.echo(f"  gRPC     {server.grpc_url}")
+            click.echo(f"  HTTP     {server.http_url}")
+            click.echo(f"  metrics  {server.metrics_url}")
+            click.echo(f"  log      {server.log_file}")
+            click.echo("Ctrl-C to stop.")
+            while not stop.wait(1.0):
+                if not server.is_running():
+                    raise click.ClickException(f"tritonserver exited; last log lines:\n{server.log_tail()}")
+            click.echo("stopping tritonserver", err=True)
+        except ServerError as e:
+            raise click.ClickException(str(e)) from e
+        finally:
+            server.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)

@@ -1,0 +1,251 @@
+"""Write a complete Triton model repository for one deployment target.
+
+    wff repo build --target embedded --artifacts runs/small repo/
+
+Every ``config.pbtxt`` is generated from ``wff.contracts`` (tensor names, dtypes, dims, the
+ensemble wiring) and the profile's ``serving`` section, as ``model_config_pb2`` messages
+printed with ``text_format``, so it always parses. Layout::
+
+    OUT/preprocess/config.pbtxt, 1/model.py, 1/profile.json
+    OUT/detector/config.pbtxt,   1/model.onnx (+ target files, below)
+    OUT/crop/config.pbtxt,       1/model.py, 1/profile.json
+    OUT/classifier/config.pbtxt, 1/model.onnx (+ target files)
+    OUT/fusion/config.pbtxt,     1/model.py, 1/profile.json, 1/fusion.json, 1/age_prior.json
+    OUT/wff_diagnosis/config.pbtxt, 1/          (the ensemble)
+
+Only the detector and classifier differ between targets:
+
+* ``embedded``: Python backend over ONNX Runtime (model.py + model.onnx + profile.json), CPU.
+  Runs on the tritonserver shipped in the nvidia-pytriton wheel.
+* ``onnxruntime``: Triton's onnxruntime backend over model.onnx (NGC tritonserver container).
+* ``tensorrt``: ``tensorrt_plan`` over model.plan, GPU instances. The plan is built inside the
+  NGC container from the model.onnx copied beside it; until then the model does not load.
+
+The Python steps need ``wff`` importable by the backend's Python (installed in the image).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from wff.config import SMALL, Profile, load_profile
+from wff.contracts import Contracts, StepContract, TensorSpec, contracts_for
+from wff.ensemble.fusion import FusionSettings, load_fusion_settings
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("embedded", "onnxruntime", "tensorrt")
+PYTHON_STEPS = ("preprocess", "crop", "fusion")  # always Python backend
+MODEL_STEPS = ("detector", "classifier")  # the exported networks; their config depends on the target
+ARTIFACT_MODELS = {"detector": "detector.onnx", "classifier": "classifier.onnx"}
+CONFIG_NAME = "config.pbtxt"
+VERSION = "1"
+# The adapters' sources: model_repository/<step>/1/model.py in the source tree.
+ADAPTERS_DIR = Path(__file__).resolve().parents[3] / "model_repository"
+
+
+@dataclass(frozen=True)
+class Target:
+    platform: str  # Triton platform ("" = given by the backend)
+    backend: str
+    model_file: str  # the file Triton loads, in the version dir
+    kind: str  # instance group kind of the detector and classifier
+
+
+TARGET_SPECS = {
+    "embedded": Target("", "python", "model.py", "KIND_CPU"),
+    "onnxruntime": Target("onnxruntime_onnx", "onnxruntime", "model.onnx", "KIND_GPU"),
+    "tensorrt": Target("tensorrt_plan", "tensorrt", "model.plan", "KIND_GPU"),
+}
+
+
+def _tensor(message, spec: TensorSpec):
+    message.name = spec.name
+    message.data_type = mc.DataType.Value(spec.data_type)
+    message.dims.extend(spec.dims)
+    return message
+
+
+def step_config(
+    contract: StepContract,
+    *,
+    backend: str = "",
+    platform: str = "",
+    instances: int = 1,
+    kind: str = "KIND_CPU",
+    preferred_batch: tuple[int, ...] = (),
+    max_queue_delay_us: int = 0,
+    parameters: dict[str, str] | None = None,
+    default_model_filename: str = "",
+) -> mc.ModelConfig:
+    """One step's config: tensors from the contract; dynamic batching when the step batches."""
+    cfg = mc.ModelConfig(name=contract.name, platform=platform, backend=backend, max_batch_size=contract.max_batch_size)
+    for spec in contract.inputs:
+        _tensor(cfg.input.add(), spec)
+    for spec in contract.outputs:
+        _tensor(cfg.output.add(), spec)
+    cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.Kind.Value(kind))
+    if contract.max_batch_size > 0:
+        cfg.dynamic_batching.preferred_batch_size.extend(b for b in preferred_batch if b <= contract.max_batch_size)
+        cfg.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+    for key, value in (parameters or {}).items():
+        cfg.parameters[key].string_value = value
+    if default_model_filename:
+        cfg.default_model_filename = default_model_filename
+    return cfg
+
+
+def ensemble_config(contracts: Contracts) -> mc.ModelConfig:
+    """The ``wff_diagnosis`` ensemble: its tensors and steps from ``contracts.ensemble`` / ``wiring``."""
+    e = contracts.ensemble
+    cfg = mc.ModelConfig(name=e.name, platform="ensemble", max_batch_size=e.max_batch_size)
+    for spec in e.inputs:
+        _tensor(cfg.input.add(), spec)
+    for spec in e.outputs:
+        _tensor(cfg.output.add(), spec)
+    for step, in_map, out_map in contracts.wiring:
+        s = cfg.ensemble_scheduling.step.add(model_name=step, model_version=-1)
+        s.input_map.update(in_map)
+        s.output_map.update(out_map)
+    return cfg
+
+
+def fusion_parameters(settings: FusionSettings) -> dict[str, str]:
+    """The fusion settings as config parameters, readable by clients through get_model_config."""
+    return {
+        "served_strategy": settings.served_strategy,
+        "det_threshold": repr(float(settings.det_threshold)),
+        "strategies": json.dumps({k: list(v) for k, v in settings.strategies.items()}),
+    }
+
+
+def settings_from_parameters(parameters: dict[str, str]) -> FusionSettings:
+    """Inverse of :func:`fusion_parameters` (values as plain strings)."""
+    return FusionSettings.from_dict(
+        {
+            "served_strategy": parameters["served_strategy"],
+            "det_threshold": float(parameters["det_threshold"]),
+            "strategies": json.loads(parameters["strategies"]),
+        },
+        where="fusion model config parameters",
+    )
+
+
+def repository_configs(profile: Profile, target: str, settings: FusionSettings, instance_kind: str | None = None) -> dict[str, mc.ModelConfig]:
+    """Every model's config for ``target``, keyed by model name."""
+    if target not in TARGET_SPECS:
+        raise ValueError(f"unknown target {target!r}; expected one of {list(TARGETS)}")
+    t = TARGET_SPECS[target]
+    c = contracts_for(profile)
+    sv = profile.serving
+    python = {"backend": "python", "instances": sv.instances_python, "kind": "KIND_CPU"}
+    configs = {
+        "preprocess": step_config(c.preprocess, **python),
+        "crop": step_config(c.crop, **python),
+        "fusion": step_config(c.fusion, **python, parameters=fusion_parameters(settings)),
+    }
+    batching = {
+        "detector": (sv.instances_detector, sv.preferred_batch_detector),
+        "classifier": (sv.instances_classifier, sv.preferred_batch_classifier),
+    }
+    for step, (instances, preferred) in batching.items():
+        if target == "embedded":
+            params = {"runtime_threads": str(sv.runtime_threads)}
+        elif target == "onnxruntime":
+            params = {"intra_op_thread_count": str(sv.runtime_threads), "inter_op_thread_count": "1"}
+        else:
+            params = {}
+        configs[step] = step_config(
+            c.step(step),
+            backend=t.backend,
+            platform=t.platform,
+            instances=instances,
+            kind=instance_kind or t.kind,
+            preferred_batch=preferred,
+            max_queue_delay_us=sv.max_queue_delay_us,
+            parameters=params,
+            default_model_filename="" if target == "embedded" else t.model_file,
+        )
+    configs[c.ensemble.name] = ensemble_config(c)
+    return configs
+
+
+def config_text(cfg: mc.ModelConfig) -> str:
+    return text_format.MessageToString(cfg)
+
+
+def read_config(path: str | Path) -> mc.ModelConfig:
+    """Parse a config.pbtxt (raises text_format.ParseError with the line on bad text)."""
+    return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
+
+
+def _adapter(step: str) -> Path:
+    path = ADAPTERS_DIR / step / VERSION / "model.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: adapter source missing; wff repo build runs from a source checkout")
+    return path
+
+
+def build_repository(
+    out: str | Path,
+    target: str = "embedded",
+    artifacts: str | Path | None = None,
+    profile: Profile | None = None,
+    instance_kind: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the model repository for ``target`` into ``out`` and return it.
+
+    ``artifacts`` is a ``wff train`` output (profile.json, detector.onnx, classifier.onnx,
+    age_prior.json, fusion.json). Without it, only configs and adapters are written for
+    ``profile`` (default: small), which is enough to check configs but not to serve.
+    """
+    if target not in TARGET_SPECS:
+        raise ValueError(f"unknown target {target!r}; expected one of {list(TARGETS)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty; pass overwrite=True (--force) or choose an empty folder")
+        shutil.rmtree(out)
+    if artifacts is not None:
+        artifacts = Path(artifacts)
+        needed = ["profile.json", "age_prior.json", "fusion.json", *ARTIFACT_MODELS.values()]
+        missing = [f for f in needed if not (artifacts / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{artifacts}: missing {missing}; run wff train first")
+        profile = load_profile(artifacts / "profile.json")
+        settings = load_fusion_settings(artifacts / "fusion.json")
+    else:
+        profile = profile or SMALL
+        settings = FusionSettings(profile.fusion.strategy, profile.fusion.det_threshold)
+        log.warning("no artifacts given: %s gets configs and adapters only (no models, not servable)", out)
+    if settings.det_threshold != profile.fusion.det_threshold:
+        raise ValueError(
+            f"fusion.json det_threshold {settings.det_threshold} differs from profile.json fusion.det_threshold "
+            f"{profile.fusion.det_threshold} (used by crop); retrain or fix one of them"
+        )
+    configs = repository_configs(profile, target, settings, instance_kind)
+    for name, cfg in configs.items():
+        version = out / name / VERSION
+        version.mkdir(parents=True, exist_ok=True)
+        (out / name / CONFIG_NAME).write_text(config_text(cfg))
+        python_step = name in PYTHON_STEPS or (name in MODEL_STEPS and target == "embedded")
+        if python_step:
+            shutil.copy2(_adapter(name), version / "model.py")
+            profile.save(version / "profile.json")
+        if artifacts is None:
+            continue
+        if name in MODEL_STEPS:
+            shutil.copy2(artifacts / ARTIFACT_MODELS[name], version / "model.onnx")
+        if name == "fusion":
+            shutil.copy2(artifacts / "fusion.json", version / "fusion.json")
+            shutil.copy2(artifacts / "age_prior.json", version / "age_prior.json")
+    log.info("wrote %s repository for profile %r to %s", target, profile.name, out)
+    return out

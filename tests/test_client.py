@@ -1,0 +1,184 @@
+"""The gRPC client, the evaluation loop and their CLI, without a server (see test_server.py for the real one)."""
+
+import asyncio
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from tritonclient.utils import InferenceServerException
+
+from wff.cli import main
+from wff.client.evaluate import Evaluation, diagnose_records, read_labels, score
+from wff.client.grpc_client import (
+    DiagnosisError,
+    RejectedInput,
+    ServerUnavailable,
+    build_inputs,
+    read_patient_files,
+    translate_error,
+)
+from wff.ensemble.diagnosis import Diagnosis
+from wff.ensemble.fusion import STRATEGIES, FusionSettings
+from wff.serving.server import free_port
+
+
+def fake_diagnosis(d: float, m: float, label: str = "malignant") -> Diagnosis:
+    """Two series of two slices, every slice's D = d, every series' M = m, no age."""
+    return Diagnosis(
+        label=label, p_malignant=d, series_votes=np.array([1, 1], np.int32), series_m=np.array([m, m], np.float32),
+        series_info=({"index": 0}, {"index": 1}), series_regions=np.zeros((2, 5), np.float32),
+        slice_d=np.full(4, d, np.float32), slice_score=np.full(4, 0.9, np.float32), slice_box=np.zeros((4, 4), np.float32),
+        slice_series=np.array([0, 0, 1, 1], np.int32), age_a=math.nan, age_used=math.nan, notes={},
+    )
+
+
+def write_dataset(root, rows):
+    root.mkdir(exist_ok=True)
+    with open(root / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["patient_id", "label", "age", "location", "split"])
+        w.writerows(rows)
+    for pid, *_ in rows:
+        (root / pid / "s").mkdir(parents=True, exist_ok=True)
+        (root / pid / "s" / "IM1.dcm").write_bytes(b"DICM")
+    return root
+
+
+class TestReadPatientFiles:
+    def test_skips_json_and_csv_and_uses_relative_names(self, tmp_path):
+        """Annotations and tables are not sent; names are relative to the patient folder."""
+        (tmp_path / "T2").mkdir()
+        (tmp_path / "T2" / "IM2.dcm").write_bytes(b"b")
+        (tmp_path / "T2" / "IM2.json").write_text("{}")
+        (tmp_path / "IM1").write_bytes(b"a")
+        (tmp_path / "labels.CSV").write_text("x")
+        assert read_patient_files(tmp_path) == [("IM1", b"a"), ("T2/IM2.dcm", b"b")]
+
+    def test_empty_folder_is_an_error(self, tmp_path):
+        """A folder with nothing to send says so."""
+        with pytest.raises(FileNotFoundError, match="no files to send"):
+            read_patient_files(tmp_path)
+
+
+class TestBuildInputs:
+    def test_age_absent_is_zero_elements(self):
+        """No age -> AGE_YEARS with shape [0]; the files become one BYTES element each."""
+        files_in, age_in = build_inputs([("a", b"1"), ("b", b"22")], None)
+        assert (files_in.name(), files_in.shape(), files_in.datatype()) == ("DICOM_FILES", [2], "BYTES")
+        assert (age_in.name(), age_in.shape(), age_in.datatype()) == ("AGE_YEARS", [0], "FP32")
+
+    def test_age_given(self):
+        """An age is one FP32 element."""
+        assert build_inputs([("a", b"1")], 63.0)[1].shape() == [1]
+
+
+class TestTranslateError:
+    def test_invalid_argument_names_the_file(self):
+        """INVALID_ARGUMENT becomes RejectedInput, DICOM_FILES[i] annotated with the client's file name."""
+        e = InferenceServerException("in ensemble 'wff_diagnosis', DICOM_FILES[1]: not DICOM", status="StatusCode.INVALID_ARGUMENT")
+        err = translate_error(e, [("a.dcm", b""), ("T2/b.dcm", b"")])
+        assert isinstance(err, RejectedInput) and "DICOM_FILES[1] (T2/b.dcm): not DICOM" in str(err)
+
+    @pytest.mark.parametrize("status, cls", [("StatusCode.UNAVAILABLE", ServerUnavailable), ("StatusCode.DEADLINE_EXCEEDED", ServerUnavailable), ("StatusCode.INTERNAL", DiagnosisError)])
+    def test_status_classes(self, status, cls):
+        """Unreachable and timed-out servers are ServerUnavailable; anything else a DiagnosisError with its status."""
+        err = translate_error(InferenceServerException("boom", status=status), timeout_s=3)
+        assert type(err) is cls and err.status == status.removeprefix("StatusCode.")
+
+
+class TestReadLabels:
+    def test_filters_split_and_parses_labels(self, tmp_path):
+        """benign/malignant or 0/1; an empty age is NaN; other splits are dropped."""
+        write_dataset(tmp_path, [("P1", "malignant", "61", "lumbar", "test"), ("P2", "0", "", "cervical", "test"), ("P3", "benign", "40", "sacral", "train")])
+        records = read_labels(tmp_path, "test")
+        assert [(r.patient_id, r.label) for r in records] == [("P1", 1), ("P2", 0)]
+        assert records[0].age == 61 and math.isnan(records[1].age) and records[0].path == tmp_path / "P1"
+
+    def test_bad_label_names_the_line(self, tmp_path):
+        """A label that is neither benign/malignant nor 0/1 is reported with its line."""
+        write_dataset(tmp_path, [("P1", "maybe", "61", "lumbar", "test")])
+        with pytest.raises(ValueError, match="labels.csv:2"):
+            read_labels(tmp_path)
+
+
+class FakeClient:
+    """Stands in for AsyncDiagnosisClient: P3 is rejected, the others get a diagnosis."""
+
+    def __init__(self):
+        self.in_flight = self.max_in_flight = 0
+
+    async def diagnose(self, files, age):
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        await asyncio.sleep(0.01)
+        self.in_flight -= 1
+        if age == 3:
+            raise RejectedInput("rejected by the server: no usable series", "INVALID_ARGUMENT")
+        return fake_diagnosis(0.8 if age > 2 else 0.2, 0.7 if age > 2 else 0.3)
+
+
+class TestEvaluation:
+    def test_failures_are_counted_not_fatal(self, tmp_path):
+        """A rejected patient is reported with its error; concurrency bounds the requests in flight."""
+        write_dataset(tmp_path, [(f"P{i}", "malignant" if i > 2 else "benign", str(i), "lumbar", "test") for i in range(1, 6)])
+        client = FakeClient()
+        results = asyncio.run(diagnose_records(client, read_labels(tmp_path), concurrency=2))
+        assert [r.patient_id for r in results] == ["P1", "P2", "P3", "P4", "P5"]
+        assert client.max_in_flight == 2
+        assert results[2].diagnosis is None and "no usable series" in results[2].error
+        report = Evaluation(results, FusionSettings(), wall_s=1.0, table=score(results, FusionSettings()))
+        data = report.to_dict()
+        assert (data["patients"], data["errors"], data["seconds_per_patient"]) == (5, 1, 0.2)
+        assert set(data["strategies"]) == set(STRATEGIES)
+        assert data["strategies"]["Det-Seq"] == {"acc": 1.0, "auc": 1.0, "se": 1.0, "sp": 1.0}
+        report.write_csv(tmp_path / "out.csv")
+        rows = list(csv.DictReader(open(tmp_path / "out.csv")))
+        assert rows[2]["error"] and rows[0]["predicted_label"] == "malignant" and rows[0]["n_series"] == "2"
+
+
+class TestCli:
+    def test_diagnose_connection_refused_exits_non_zero(self, tmp_path):
+        """No server at --url: exit code 1 and a message on stderr."""
+        (tmp_path / "IM1.dcm").write_bytes(b"x")
+        result = CliRunner().invoke(main, ["diagnose", str(tmp_path), "--url", f"127.0.0.1:{free_port()}", "--timeout", "5"])
+        assert result.exit_code == 1 and "no server answered" in result.output
+
+    def test_evaluate_connection_refused_exits_non_zero(self, tmp_path):
+        """evaluate fails fast (before the progress loop) when no server answers."""
+        write_dataset(tmp_path, [("P1", "benign", "50", "lumbar", "test")])
+        result = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--url", f"127.0.0.1:{free_port()}", "--timeout", "5"])
+        assert result.exit_code == 1 and "no server answered" in result.output
+
+    @pytest.mark.parametrize(
+        "args, message",
+        [
+            (["diagnose"], "Missing argument 'PATIENT_DIR'"),
+            (["diagnose", "/nonexistent/patient"], "does not exist"),
+            (["diagnose", ".", "--age", "old"], "'old' is not a valid float"),
+            (["diagnose", ".", "--timeout", "0"], "--timeout"),
+            (["evaluate", ".", "--concurrency", "0"], "--concurrency"),
+        ],
+    )
+    def test_argument_errors(self, args, message):
+        """Bad arguments exit 2 with click's usage message."""
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and message in result.output
+
+    def test_evaluate_without_labels(self, tmp_path):
+        """A folder without labels.csv is a usage error naming the file."""
+        result = CliRunner().invoke(main, ["evaluate", str(tmp_path)])
+        assert result.exit_code == 2 and "labels.csv" in result.output
+
+    def test_evaluate_unknown_split(self, tmp_path):
+        """A split with no patients is a usage error."""
+        write_dataset(tmp_path, [("P1", "benign", "50", "lumbar", "test")])
+        result = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--split", "val"])
+        assert result.exit_code == 2 and "no patients with split 'val'" in result.output
+
+
+def test_diagnosis_json_is_plain(tmp_path):
+    """Diagnosis.to_dict() (what --json writes) serialises without numpy types."""
+    json.dumps(fake_diagnosis(0.4, 0.6).to_dict())

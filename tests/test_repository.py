@@ -1,0 +1,184 @@
+"""wff repo build: generated configs parse, agree with the contracts, and wire the ensemble consistently."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import TINY
+
+from wff.cli import main
+from wff.contracts import ENSEMBLE_NAME, contracts_for
+from wff.ensemble.fusion import FusionSettings, load_fusion_settings
+from wff.serving.repository import (
+    ADAPTERS_DIR,
+    MODEL_STEPS,
+    PYTHON_STEPS,
+    TARGETS,
+    build_repository,
+    read_config,
+    settings_from_parameters,
+)
+from tritonclient.grpc import model_config_pb2 as mc
+
+C = contracts_for(TINY)
+MAX_ADAPTER_LINES = 80
+
+
+@pytest.fixture(scope="module", params=TARGETS)
+def built(request, tiny_artifacts, tmp_path_factory):
+    """(target, repository path, {model name: parsed config})."""
+    out = build_repository(tmp_path_factory.mktemp(request.param) / "repo", request.param, tiny_artifacts)
+    configs = {p.parent.name: read_config(p) for p in out.glob("*/config.pbtxt")}
+    return request.param, out, configs
+
+
+def full_dims(cfg: mc.ModelConfig, tensor) -> tuple[int, ...]:
+    """Dims as the ensemble sees them: the batch dim (-1) first for batching models."""
+    return ((-1,) if cfg.max_batch_size > 0 else ()) + tuple(tensor.dims)
+
+
+def compatible(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b))
+
+
+class TestConfigs:
+    def test_every_model_has_a_parsing_config(self, built):
+        """Five steps plus the ensemble, each config.pbtxt parsed by model_config_pb2 via text_format."""
+        _, _, configs = built
+        assert set(configs) == {s.name for s in C.steps} | {ENSEMBLE_NAME}
+        for name, cfg in configs.items():
+            assert cfg.name == name
+
+    def test_step_tensors_follow_the_contracts(self, built):
+        """Names, dtypes, dims and max_batch_size of every step are the contract's."""
+        _, _, configs = built
+        for contract in C.steps + (C.ensemble,):
+            cfg = configs[contract.name]
+            assert cfg.max_batch_size == contract.max_batch_size
+            for specs, tensors in ((contract.inputs, cfg.input), (contract.outputs, cfg.output)):
+                got = [(t.name, mc.DataType.Name(t.data_type), tuple(t.dims)) for t in tensors]
+                assert got == [(s.name, s.data_type, s.dims) for s in specs]
+
+    def test_ensemble_wiring_is_type_and_shape_consistent(self, built):
+        """Every ensemble tensor has one producer; consumers and ensemble outputs agree with it on dtype and dims."""
+        _, _, configs = built
+        ens = configs[ENSEMBLE_NAME]
+        produced = {t.name: (t.data_type, tuple(t.dims)) for t in ens.input}
+        for step in ens.ensemble_scheduling.step:
+            model = configs[step.model_name]
+            inputs = {t.name: t for t in model.input}
+            assert set(step.input_map) == set(inputs), step.model_name
+            for model_input, tensor in step.input_map.items():
+                assert tensor in produced, f"{step.model_name} reads {tensor} before it is produced"
+                dtype, dims = produced[tensor]
+                assert dtype == inputs[model_input].data_type, (step.model_name, model_input)
+                assert compatible(dims, full_dims(model, inputs[model_input])), (step.model_name, model_input, dims)
+            outputs = {t.name: t for t in model.output}
+            for model_output, tensor in step.output_map.items():
+                assert tensor not in produced, f"{tensor} produced twice"
+                produced[tensor] = (outputs[model_output].data_type, full_dims(model, outputs[model_output]))
+        for t in ens.output:
+            assert produced[t.name] == (t.data_type, tuple(t.dims)) or (
+                produced[t.name][0] == t.data_type and compatible(produced[t.name][1], tuple(t.dims))
+            ), t.name
+
+    def test_batching_steps_have_dynamic_batching(self, built):
+        """Detector and classifier batch dynamically with preferred sizes within max_batch_size."""
+        _, _, configs = built
+        for name in MODEL_STEPS:
+            cfg = configs[name]
+            assert cfg.HasField("dynamic_batching") and cfg.dynamic_batching.max_queue_delay_microseconds == TINY.serving.max_queue_delay_us
+            assert all(0 < b <= cfg.max_batch_size for b in cfg.dynamic_batching.preferred_batch_size)
+        for name in PYTHON_STEPS:
+            assert configs[name].backend == "python" and not configs[name].HasField("dynamic_batching")
+            assert configs[name].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+
+    def test_fusion_parameters_carry_the_settings(self, built, tiny_artifacts):
+        """The fusion config's parameters give back fusion.json's six strategies and threshold."""
+        _, _, configs = built
+        params = {k: v.string_value for k, v in configs["fusion"].parameters.items()}
+        assert settings_from_parameters(params).strategies == load_fusion_settings(tiny_artifacts / "fusion.json").strategies
+        assert len(json.loads(params["strategies"])) == 6
+
+
+class TestTargets:
+    def test_model_files_per_target(self, built):
+        """embedded: model.py + model.onnx; onnxruntime: model.onnx; tensorrt: points at model.plan, ONNX beside it."""
+        target, out, configs = built
+        for name in MODEL_STEPS:
+            cfg, version = configs[name], out / name / "1"
+            assert (version / "model.onnx").is_file()
+            if target == "embedded":
+                assert cfg.backend == "python" and (version / "model.py").is_file() and (version / "profile.json").is_file()
+            elif target == "onnxruntime":
+                assert (cfg.platform, cfg.backend, cfg.default_model_filename) == ("onnxruntime_onnx", "onnxruntime", "model.onnx")
+            else:
+                assert (cfg.platform, cfg.default_model_filename) == ("tensorrt_plan", "model.plan")
+                assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+                assert not (version / "model.py").exists()
+        for name in PYTHON_STEPS:
+            assert {"model.py", "profile.json"} <= {p.name for p in (out / name / "1").iterdir()}
+        assert {"fusion.json", "age_prior.json"} <= {p.name for p in (out / "fusion" / "1").iterdir()}
+        assert (out / ENSEMBLE_NAME / "1").is_dir()
+
+    def test_only_model_steps_differ_between_targets(self, tiny_artifacts, tmp_path):
+        """Switching target changes the detector and classifier configs and nothing else."""
+        texts = {}
+        for target in TARGETS:
+            out = build_repository(tmp_path / target, target, tiny_artifacts)
+            texts[target] = {p.parent.name: p.read_text() for p in out.glob("*/config.pbtxt")}
+        for name in texts["embedded"]:
+            same = texts["embedded"][name] == texts["tensorrt"][name] == texts["onnxruntime"][name]
+            assert same == (name not in MODEL_STEPS), name
+
+
+class TestBuildErrors:
+    def test_missing_artifact_is_named(self, tmp_path):
+        """An artifacts folder without the models names what is missing."""
+        TINY.save(tmp_path / "profile.json")
+        with pytest.raises(FileNotFoundError, match="detector.onnx"):
+            build_repository(tmp_path / "repo", "embedded", tmp_path)
+
+    def test_non_empty_output_needs_overwrite(self, tmp_path):
+        """An existing, non-empty OUT is only replaced with overwrite=True."""
+        (tmp_path / "repo").mkdir()
+        (tmp_path / "repo" / "keep").write_text("x")
+        with pytest.raises(FileExistsError, match="not empty"):
+            build_repository(tmp_path / "repo", "embedded", profile=TINY)
+        build_repository(tmp_path / "repo", "embedded", profile=TINY, overwrite=True)
+        assert not (tmp_path / "repo" / "keep").exists()
+
+    def test_unknown_target(self, tmp_path):
+        """The error lists the valid targets."""
+        with pytest.raises(ValueError, match="expected one of"):
+            build_repository(tmp_path / "repo", "tflite", profile=TINY)
+
+    def test_threshold_mismatch_is_refused(self, tiny_artifacts, tmp_path):
+        """fusion.json and the profile must agree on det_threshold (crop uses the profile's)."""
+        import shutil
+
+        art = tmp_path / "art"
+        shutil.copytree(tiny_artifacts, art)
+        FusionSettings(det_threshold=0.3).save(art / "fusion.json")
+        with pytest.raises(ValueError, match="det_threshold"):
+            build_repository(tmp_path / "repo", "embedded", art)
+
+
+class TestCli:
+    def test_repo_build(self, tiny_artifacts, tmp_path):
+        """wff repo build writes the repository and says where."""
+        result = CliRunner().invoke(main, ["repo", "build", "--target", "tensorrt", "--artifacts", str(tiny_artifacts), str(tmp_path / "r")])
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "r" / "detector" / "config.pbtxt").is_file()
+
+    def test_repo_build_refuses_non_empty(self, tmp_path):
+        """A non-empty OUT without --force is a clean error, not a traceback."""
+        (tmp_path / "x").write_text("x")
+        result = CliRunner().invoke(main, ["repo", "build", str(tmp_path)])
+        assert result.exit_code == 1 and "not empty" in result.output
+
+
+@pytest.mark.parametrize("step", [s.name for s in C.steps])
+def test_adapters_are_thin(step):
+    """Every model.py stays under the style guide's 80 lines."""
+    assert len((ADAPTERS_DIR / step / "1" / "model.py").read_text().splitlines()) < MAX_ADAPTER_LINES
