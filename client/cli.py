@@ -88,7 +88,7 @@ def evaluate(dataset: Path, split: str, url: str, ssl: bool, root_certificates: 
     from wff.ensemble.metrics import format_table
 
     try:
-        records = ev.read_labels(dataset, split)
+        records = ev.load_records(dataset, split)
     except (FileNotFoundError, ValueError) as e:
         raise click.BadParameter(str(e), param_hint="DATASET") from e
     if not records:

@@ -25,37 +25,10 @@ from wff.ensemble.diagnosis import Diagnosis
 from wff.ensemble.fusion import FusionSettings
 from wff.ensemble.metrics import strategy_table
 from wff.ensemble.types import PatientRecord
+from wff.training.dataset import load_records
 
 METRICS = ("acc", "auc", "se", "sp")
 CSV_FIELDS = ("patient_id", "label", "predicted_label", "p_malignant", "n_series", "seconds", "error")
-
-
-def read_labels(dataset: str | Path, split: str | None = None) -> list[PatientRecord]:
-    """Rows of ``DATASET/labels.csv`` (label benign|malignant or 0|1; age may be empty), optionally one split."""
-    dataset = Path(dataset)
-    path = dataset / "labels.csv"
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path}: no labels.csv; expected columns patient_id,label,age,location,split") from e
-    records = []
-    for line, row in enumerate(rows, start=2):
-        try:
-            label = row["label"].strip().lower()
-            label_id = LABELS.index(label) if label in LABELS else int(label)
-            if label_id not in (0, 1):
-                raise ValueError(f"label {row['label']!r}")
-            age = row.get("age", "").strip()
-            records.append(
-                PatientRecord(
-                    row["patient_id"], label_id, float(age) if age else math.nan, row.get("location", ""),
-                    row["split"].strip(), dataset / row["patient_id"],
-                )
-            )
-        except (KeyError, ValueError, AttributeError) as e:
-            raise ValueError(f"{path}:{line}: bad row ({e}); labels are {list(LABELS)} or 0/1") from e
-    return [r for r in records if split is None or r.split == split]
 
 
 @dataclass

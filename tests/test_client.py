@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from tritonclient.utils import InferenceServerException
 
 from wff.cli import main
-from wff.client.evaluate import Evaluation, diagnose_records, read_labels, score
+from wff.training.dataset import load_records
+from wff.client.evaluate import Evaluation, diagnose_records, score
 from wff.client.grpc_client import (
     DiagnosisError,
     RejectedInput,
@@ -89,21 +90,6 @@ class TestTranslateError:
         assert type(err) is cls and err.status == status.removeprefix("StatusCode.")
 
 
-class TestReadLabels:
-    def test_filters_split_and_parses_labels(self, tmp_path):
-        """benign/malignant or 0/1; an empty age is NaN; other splits are dropped."""
-        write_dataset(tmp_path, [("P1", "malignant", "61", "lumbar", "test"), ("P2", "0", "", "cervical", "test"), ("P3", "benign", "40", "sacral", "train")])
-        records = read_labels(tmp_path, "test")
-        assert [(r.patient_id, r.label) for r in records] == [("P1", 1), ("P2", 0)]
-        assert records[0].age == 61 and math.isnan(records[1].age) and records[0].path == tmp_path / "P1"
-
-    def test_bad_label_names_the_line(self, tmp_path):
-        """A label that is neither benign/malignant nor 0/1 is reported with its line."""
-        write_dataset(tmp_path, [("P1", "maybe", "61", "lumbar", "test")])
-        with pytest.raises(ValueError, match="labels.csv:2"):
-            read_labels(tmp_path)
-
-
 class FakeClient:
     """Stands in for AsyncDiagnosisClient: P3 is rejected, the others get a diagnosis."""
 
@@ -125,7 +111,7 @@ class TestEvaluation:
         """A rejected patient is reported with its error; concurrency bounds the requests in flight."""
         write_dataset(tmp_path, [(f"P{i}", "malignant" if i > 2 else "benign", str(i), "lumbar", "test") for i in range(1, 6)])
         client = FakeClient()
-        results = asyncio.run(diagnose_records(client, read_labels(tmp_path), concurrency=2))
+        results = asyncio.run(diagnose_records(client, load_records(tmp_path), concurrency=2))
         assert [r.patient_id for r in results] == ["P1", "P2", "P3", "P4", "P5"]
         assert client.max_in_flight == 2
         assert results[2].diagnosis is None and "no usable series" in results[2].error

@@ -63,6 +63,19 @@ class TestDataset:
         assert label == ("malignant" if record.label else "benign") and box[2] > box[0] and box[3] > box[1]
 
 
+class TestLoadRecords:
+    def test_filters_split_and_parses_labels(self, tmp_path):
+        """benign/malignant or 0/1; an empty age is NaN; other splits are dropped."""
+        for pid in ("P1", "P2", "P3"):
+            (tmp_path / pid).mkdir()
+        (tmp_path / "labels.csv").write_text(
+            "patient_id,label,age,location,split\nP1,malignant,61,lumbar,test\nP2,0,,cervical,test\nP3,benign,40,sacral,train\n"
+        )
+        records = load_records(tmp_path, "test")
+        assert [(r.patient_id, r.label) for r in records] == [("P1", 1), ("P2", 0)]
+        assert records[0].age == 61 and np.isnan(records[1].age) and records[0].path == tmp_path / "P1"
+
+
 class TestLoaderErrors:
     def test_bad_label_names_row_and_column(self, tmp_path):
         """A bad label value names the file, row and column."""

@@ -26,7 +26,11 @@ SPLITS = ("train", "test")
 
 
 def load_records(dataset: str | Path, split: str | None = None) -> list[PatientRecord]:
-    """Rows of DATASET/labels.csv (optionally one split), validated."""
+    """Rows of DATASET/labels.csv (optionally one split), validated.
+
+    label: benign|malignant (or 0|1); age: years, empty when unknown; location: one of
+    config.LOCATIONS; split: train|test; the patient's folder must exist.
+    """
     dataset = Path(dataset)
     path = dataset / "labels.csv"
     if not path.exists():
@@ -40,8 +44,9 @@ def load_records(dataset: str | Path, split: str | None = None) -> list[PatientR
         for row_no, row in enumerate(reader, start=2):
             where = f"{path}, row {row_no}"
             label = row["label"].strip().lower()
+            label = {"0": LABELS[0], "1": LABELS[1]}.get(label, label)  # 0/1 accepted too
             if label not in LABELS:
-                raise ValueError(f"{where}, column label: {row['label']!r} is not one of {LABELS}")
+                raise ValueError(f"{where}, column label: {row['label']!r} is not one of {LABELS} or 0/1")
             location = row["location"].strip().lower()
             if location not in LOCATIONS:
                 raise ValueError(f"{where}, column location: {row['location']!r} is not one of {LOCATIONS}")
@@ -49,9 +54,9 @@ def load_records(dataset: str | Path, split: str | None = None) -> list[PatientR
             if row_split not in SPLITS:
                 raise ValueError(f"{where}, column split: {row['split']!r} is not one of {SPLITS}")
             try:
-                age = float(row["age"])
+                age = float(row["age"]) if row["age"].strip() else float("nan")  # empty = unknown
             except ValueError:
-                raise ValueError(f"{where}, column age: {row['age']!r} is not a number of years") from None
+                raise ValueError(f"{where}, column age: {row['age']!r} is not a number of years (or empty)") from None
             folder = dataset / row["patient_id"].strip()
             if not folder.is_dir():
                 raise ValueError(f"{where}: patient folder {folder} does not exist")
