@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 PARITY_ATOL = 1e-3  # ONNX Runtime vs PyTorch, max abs difference on probabilities and boxes/100
+PARITY_SLICES = 8  # labelled slices the exported detector is checked on
 
 
 class TorchRunner:
@@ -132,16 +133,26 @@ def export_and_check(detector, classifier, patients: Sequence[AnnotatedPatient],
     graph = DetectorGraph(detector, profile).eval()
     export_detector(detector, profile, out / "detector.onnx")
     export_classifier(classifier, profile, out / "classifier.onnx")
+    # slices with labelled tumours, so the detector comparison covers real detections, not padding
+    tumour_slices = [p.prepared.slices[i] for p in patients for i, b in enumerate(p.boxes) if len(b)][:PARITY_SLICES]
+    images = torch.from_numpy(np.ascontiguousarray(np.stack(tumour_slices), np.float32))
     sample = patients[0].prepared
-    images = torch.from_numpy(np.ascontiguousarray(sample.slices[:4], np.float32))
     with torch.no_grad():
         boxes, scores, _, _, count = graph(torch.from_numpy(np.ascontiguousarray(sample.slices, np.float32)))
     clips, _, _ = crop_patient(
         sample.slices, sample.slice_series, boxes.numpy(), scores.numpy(), count.numpy(), profile.classifier, profile.fusion.det_threshold
     )
+    with torch.no_grad():
+        detections = int(graph(images)[4].sum())
     det_diff = check_onnx(out / "detector.onnx", graph, images, atol=PARITY_ATOL * 100)
     cls_diff = check_onnx(out / "classifier.onnx", classifier, torch.from_numpy(clips), atol=PARITY_ATOL)
-    return {"detector_max_abs_diff": float(det_diff), "classifier_max_abs_diff": float(cls_diff)}
+    return {
+        "detector_max_abs_diff": float(det_diff),
+        "detector_checked_slices": len(images),
+        "detector_checked_detections": detections,
+        "classifier_max_abs_diff": float(cls_diff),
+        "classifier_checked_clips": len(clips),
+    }
 
 
 def run_training(dataset: str | Path, out: str | Path, profile: Profile, device: str = "cpu", progress: Progress | None = None) -> Path:
