@@ -372,16 +372,26 @@ def ops_table():
 
 @pytest.fixture(scope="module")
 def exported_graphs(tiny_profile, tmp_path_factory):
-    """The tiny-profile detector (DetectorGraph) and classifier as wff.training.export writes them."""
-    torch = pytest.importorskip("torch")
+    """Detector (DetectorGraph) and classifier of both profiles as wff.training.export writes them.
+
+    The paper profile keeps its architecture (ResNeXt101-32x8d with deformable convolutions,
+    five-level FPN, 3D ResNeXt-101) on small inputs so the export stays quick on CPU.
+    """
+    import torch
+
     from wff.training.export import export_classifier, export_detector
     from wff.training.models import build_classifier, build_detector
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("exported")
-    export_detector(build_detector(tiny_profile).eval(), tiny_profile, out / "detector.onnx")
-    export_classifier(build_classifier(tiny_profile).eval(), tiny_profile, out / "classifier.onnx")
-    return {"detector": out / "detector.onnx", "classifier": out / "classifier.onnx"}
+    paper = PAPER.replace(image={"size": 64}, classifier={"clip_len": 4, "crop_size": 16})
+    graphs = {}
+    for name, profile in (("small", tiny_profile), ("paper", paper)):
+        graphs[f"{name}-detector"] = out / f"{name}-detector.onnx"
+        graphs[f"{name}-classifier"] = out / f"{name}-classifier.onnx"
+        export_detector(build_detector(profile).eval(), profile, graphs[f"{name}-detector"])
+        export_classifier(build_classifier(profile).eval(), profile, graphs[f"{name}-classifier"])
+    return graphs
 
 
 class TestOpsTable:
@@ -394,7 +404,7 @@ class TestOpsTable:
         assert not set(ops_table["supported"]) & set(ops_table["unsupported"])
         assert REQUIRED_NOTES <= set(ops_table["constraints"])
 
-    @pytest.mark.parametrize("model", ["detector", "classifier"])
+    @pytest.mark.parametrize("model", ["small-detector", "small-classifier", "paper-detector", "paper-classifier"])
     def test_exported_graph_is_supported(self, exported_graphs, ops_table, model):
         """Every op of the exported graph is in TensorRT 10's list, with no constraint violated."""
         from wff.training.export import onnx_op_types
@@ -403,14 +413,21 @@ class TestOpsTable:
         assert ops <= set(ops_table["supported"]), sorted(ops - set(ops_table["supported"]))
         assert trt.onnx_tensorrt_issues(exported_graphs[model], ops_table) == []
 
-    def test_exported_detector_roialign_and_topk(self, exported_graphs):
+    @pytest.mark.parametrize("profile", ["small", "paper"])
+    def test_exported_detector_roialign_and_topk(self, exported_graphs, profile):
         """The constraints that matter hold in the real detector: constant K, explicit sampling_ratio."""
-        model = onnx.load(str(exported_graphs["detector"]))
+        model = onnx.load(str(exported_graphs[f"{profile}-detector"]))
         consts = trt._constants(model.graph)
         topk = [n for n in model.graph.node if n.op_type == "TopK"]
         roi = [n for n in model.graph.node if n.op_type == "RoiAlign"]
         assert topk and all(n.input[1] in consts for n in topk)
         assert roi and all(trt._attrs(n).get("sampling_ratio", 0) > 0 and trt._attrs(n).get("mode", "avg") == "avg" for n in roi)
+
+    def test_paper_detector_keeps_deformable_convolutions(self, exported_graphs):
+        """The paper detector exports its deformable convolutions as ONNX DeformConv, which TensorRT 10 parses."""
+        from wff.training.export import onnx_op_types
+
+        assert "DeformConv" in onnx_op_types(exported_graphs["paper-detector"])
 
     def test_stand_in_graphs_pass(self, trt_repo, ops_table):
         """The repository's stand-in graphs (tests/conftest.py) pass the same check."""
