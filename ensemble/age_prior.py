@@ -41,8 +41,12 @@ class AgePrior:
     def fit(cls, ages: np.ndarray, labels: np.ndarray, cfg: AgePriorConfig) -> "AgePrior":
         ages = np.asarray(ages, np.float64)
         labels = np.asarray(labels, np.int64)
-        if ages.shape != labels.shape or ages.size == 0:
-            raise ValueError(f"need one label per age and at least one patient, got {ages.shape} vs {labels.shape}")
+        if ages.shape != labels.shape:
+            raise ValueError(f"need one label per age, got {ages.shape} ages and {labels.shape} labels")
+        known = ~np.isnan(ages)  # patients of unknown age do not inform the age groups
+        ages, labels = ages[known], labels[known]
+        if ages.size == 0:
+            raise ValueError("no training patient has a known age; the age prior needs some")
         for a in ages:
             check_age(a, cfg.max_age)
         edges = np.asarray(cfg.edges, np.float64)

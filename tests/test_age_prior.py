@@ -49,3 +49,8 @@ class TestAgePrior:
         prior = AgePrior.fit(np.array([10, 50, 70]), np.array([0, 1, 1]), CFG)
         prior.save(tmp_path / "a.json")
         assert AgePrior.load(tmp_path / "a.json") == prior
+
+    def test_unknown_ages_left_out(self):
+        """Patients of unknown age (NaN) do not count in any group."""
+        prior = AgePrior.fit(np.array([10, float("nan"), 50]), np.array([0, 1, 1]), CFG)
+        assert prior.patients == (1, 1, 0) and prior.overall == 0.5

@@ -159,10 +159,10 @@ class TestCli:
         assert result.exit_code == 2 and "labels.csv" in result.output
 
     def test_evaluate_unknown_split(self, tmp_path):
-        """A split with no patients is a usage error."""
+        """An unknown split is a usage error naming the valid ones."""
         write_dataset(tmp_path, [("P1", "benign", "50", "lumbar", "test")])
         result = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--split", "val"])
-        assert result.exit_code == 2 and "no patients with split 'val'" in result.output
+        assert result.exit_code == 2 and "split 'val' is not one of train, test" in result.output
 
 
 def test_diagnosis_json_is_plain(tmp_path):

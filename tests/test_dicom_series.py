@@ -1,99 +1,277 @@
 """DICOM decoding, series selection and slice ordering (wff.ensemble.dicom_series)."""
 
 import io
+import logging
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from wff.config import ServingConfig
-from wff.ensemble.dicom_series import _parse, _pixels, parse_age, read_study, sequence_of
+from wff.ensemble.dicom_series import _parse, _pixels, parse_age, read_study, read_study_dir, sequence_of
 from wff.ensemble.types import InputError
 
-SAGITTAL = [0, 1, 0, 0, 0, -1]
+SAGITTAL = [0, 1, 0, 0, 0, -1]  # normal (-1, 0, 0): positions are -x
+OBLIQUE_SAGITTAL = [0, 0.966, 0.259, 0, 0, -1]  # 15 degrees off sagittal, still accepted
 AXIAL = [1, 0, 0, 0, 1, 0]
-# pydicom's bundled MR files in transfer syntaxes its own handlers decode (no plugins needed).
-DECODABLE = ["MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm"]
+CORONAL = [1, 0, 0, 0, 0, -1]
+# pydicom's bundled MR_small in every transfer syntax shipped with it; each must either decode
+# exactly as pydicom does or be refused with an InputError when no decoder is installed.
+BUNDLED_MR = ["MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_expb.dcm", "MR_small_padded.dcm",
+              "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"]
 
 
-def mr_bytes(value: float, x_mm: float, instance: int, series_uid: str, description="T2 TSE SAG", iop=SAGITTAL,
-             patient_id="P1", image_type=("ORIGINAL", "PRIMARY"), shape=(8, 8), age="050Y", photometric="MONOCHROME2") -> bytes:
+def mr_bytes(value=100, x_mm=0.0, instance=1, series_uid="1.2.3", description="T2 TSE SAG", iop=SAGITTAL, patient_id="P1",
+             image_type=("ORIGINAL", "PRIMARY"), shape=(8, 8), age="050Y", photometric="MONOCHROME2", series_number=3,
+             timing=None, pixels=True) -> bytes:
+    """One single-frame MR slice as Part 10 bytes (12-bit, rescale slope 2, intercept -10)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
+    ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = series_uid, 3, description
-    ds.PatientID, ds.PatientAge, ds.Modality = patient_id, age, "MR"
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = series_uid, series_number, description
+    ds.PatientID, ds.Modality = patient_id, "MR"
+    if age is not None:
+        ds.PatientAge = age
     ds.InstanceNumber, ds.ImageType = instance, list(image_type)
     ds.ImageOrientationPatient, ds.ImagePositionPatient = iop, [x_mm, 0, 0]
-    ds.PixelSpacing = [1, 1]
+    ds.PixelSpacing = [0.8, 0.9]
+    for key, val in (timing or {}).items():
+        setattr(ds, key, val)
     ds.Rows, ds.Columns = shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.RescaleSlope, ds.RescaleIntercept = 2, -10
-    ds.PixelData = np.full(shape, value, np.uint16).tobytes()
+    if pixels:
+        ds.PixelData = np.full(shape, value, np.uint16).tobytes()
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
 
 
+def enhanced_mr_bytes(xs, values, slope=0.5, intercept=3.0) -> bytes:
+    """An enhanced (multi-frame) sagittal MR object: orientation/spacing/rescale shared, positions per frame."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedMRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = "9.9", 4, "sag T2 FSE"
+    ds.PatientID, ds.Modality, ds.ImageType = "P1", "MR", ["ORIGINAL", "PRIMARY", "T2", "NONE"]
+    shared = Dataset()
+    shared.PlaneOrientationSequence = DicomSequence([Dataset()])
+    shared.PlaneOrientationSequence[0].ImageOrientationPatient = SAGITTAL
+    shared.PixelMeasuresSequence = DicomSequence([Dataset()])
+    shared.PixelMeasuresSequence[0].PixelSpacing = [0.7, 0.7]
+    shared.PixelValueTransformationSequence = DicomSequence([Dataset()])
+    shared.PixelValueTransformationSequence[0].RescaleSlope = slope
+    shared.PixelValueTransformationSequence[0].RescaleIntercept = intercept
+    shared.PixelValueTransformationSequence[0].RescaleType = "US"
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    frames = []
+    for x in xs:
+        item = Dataset()
+        item.PlanePositionSequence = DicomSequence([Dataset()])
+        item.PlanePositionSequence[0].ImagePositionPatient = [x, 0.0, 0.0]
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
+    ds.NumberOfFrames, ds.Rows, ds.Columns = len(xs), 4, 6
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = np.stack([np.full((4, 6), v, np.uint16) for v in values]).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def pydicom_decodes(path) -> bool:
+    try:
+        pydicom.dcmread(path).pixel_array
+        return True
+    except Exception:
+        return False
+
+
 class TestDecoding:
-    @pytest.mark.parametrize("name", DECODABLE)
-    def test_matches_pydicom_with_modality_lut(self, name):
-        """Pixels equal pydicom's pixel_array through the modality LUT, in every bundled syntax."""
+    @pytest.mark.parametrize("name", BUNDLED_MR)
+    def test_bundled_mr_matches_pydicom_or_is_refused(self, name):
+        """Pixels equal pydicom's pixel_array through the modality LUT; without a decoder, an InputError."""
         path = get_testdata_file(name)
-        ds = pydicom.dcmread(path)
-        ours = _pixels(name, _parse(name, open(path, "rb").read()))
-        np.testing.assert_allclose(ours[0], apply_modality_lut(ds.pixel_array, ds).astype(np.float32))
+        data = open(path, "rb").read()
+        if pydicom_decodes(path):
+            ds = pydicom.dcmread(path)
+            np.testing.assert_allclose(_pixels(name, _parse(name, data))[0], apply_modality_lut(ds.pixel_array, ds).astype(np.float32))
+        else:
+            with pytest.raises(InputError, match=f"{name}: pixel data cannot be decoded"):
+                _pixels(name, _parse(name, data))
+
+    def test_bundled_mr_as_a_study(self):
+        """MR_small parses but is a DERIVED\\SECONDARY axial image: no usable series, with the reason."""
+        with pytest.raises(InputError, match=r"no usable sagittal .*series 1 '': secondary capture or reformat"):
+            read_study([("MR_small.dcm", open(get_testdata_file("MR_small.dcm"), "rb").read())])
+
+    def test_truncated_pixel_data(self):
+        """pydicom's MR_truncated.dcm is refused naming the file."""
+        data = open(get_testdata_file("MR_truncated.dcm"), "rb").read()
+        with pytest.raises(InputError, match="MR_truncated.dcm: pixel data cannot be decoded.*truncated"):
+            _pixels("MR_truncated.dcm", _parse("MR_truncated.dcm", data))
 
     def test_rescale_applied(self):
         """RescaleSlope 2 and intercept -10 map stored 100 to 190."""
-        data = mr_bytes(100, 0, 1, "1.2.3")
-        assert _pixels("a", _parse("a", data)).max() == 190
+        assert _pixels("a", _parse("a", mr_bytes(100))).max() == 190
 
-    def test_monochrome1_inverted(self):
-        """MONOCHROME1 is inverted so bright means high signal."""
-        files = [("a", mr_bytes(100, 0, 1, "1.2.3", photometric="MONOCHROME1"))]
-        px = _pixels("a", _parse("a", files[0][1]))
-        assert px.shape == (1, 8, 8)
+    def test_monochrome1_inverted_over_the_stored_range(self):
+        """MONOCHROME1 maps v to lo + hi - v of the 12-bit range after rescale, the same for every slice."""
+        study = read_study([("a", mr_bytes(100, 0, photometric="MONOCHROME1")), ("b", mr_bytes(300, -4, 2, photometric="MONOCHROME1"))])
+        lo, hi = -10, 4095 * 2 - 10
+        np.testing.assert_allclose(study.series[0].pixels[:, 0, 0], [lo + hi - 190, lo + hi - 590])
+        assert study.series[0].pixels.dtype == np.float32
+
+    def test_enhanced_multiframe(self):
+        """Frames of an enhanced MR object are ordered by their own positions and rescaled from the shared groups."""
+        study = read_study([("multi.dcm", enhanced_mr_bytes([4.0, -8.0, 0.0], [10, 20, 30]))])
+        (series,) = study.series
+        np.testing.assert_allclose(series.positions, [-4.0, 0.0, 8.0])  # position = -x along (-1, 0, 0)
+        np.testing.assert_allclose(series.pixels[:, 0, 0], [10 * 0.5 + 3, 30 * 0.5 + 3, 20 * 0.5 + 3])
+        assert series.pixel_spacing == (0.7, 0.7) and series.files == ("multi.dcm",) * 3 and series.sequence == "T2"
 
 
 class TestSelection:
     def test_slices_ordered_by_position_not_file_or_instance(self):
         """Files shuffled with misleading InstanceNumbers come back ordered along the normal."""
         xs = [12.0, -4.0, 0.0, 8.0, 4.0]
-        files = [(f"f{i}", mr_bytes(10 * (i + 1), x, instance=5 - i, series_uid="1.2.3")) for i, x in enumerate(xs)]
+        files = [(f"f{i}", mr_bytes(10 * (i + 1), x, instance=5 - i)) for i, x in enumerate(xs)]
         study = read_study(files)
         (series,) = study.series
-        # normal of IOP (0,1,0)x(0,0,-1) is (-1,0,0): position = -x, ascending
         np.testing.assert_allclose(series.positions, sorted(-x for x in xs))
         assert series.files == ("f0", "f3", "f4", "f2", "f1")
-        assert series.sequence == "T2" and study.patient_age == 50
+        np.testing.assert_allclose(series.pixels[:, 0, 0], [2 * 10 * (i + 1) - 10 for i in (0, 3, 4, 2, 1)])
+        assert series.sequence == "T2" and series.pixel_spacing == (0.8, 0.9) and study.patient_age == 50
 
-    def test_axial_and_localizer_skipped_with_reasons(self):
-        """Non-sagittal and localizer series are skipped and reported."""
+    def test_oblique_sagittal_kept(self):
+        """A sagittal oblique within the tolerance is kept."""
+        study = read_study([("a", mr_bytes(iop=OBLIQUE_SAGITTAL)), ("b", mr_bytes(x_mm=4, iop=OBLIQUE_SAGITTAL))])
+        assert len(study.series) == 1 and len(study.series[0].files) == 2
+
+    def test_skipped_series_with_reasons(self):
+        """Axial, coronal, localizer, secondary, reformatted and post-contrast series are skipped and reported."""
         files = [
-            ("sag", mr_bytes(1, 0, 1, "1.1")),
-            ("ax", mr_bytes(1, 0, 1, "1.2", iop=AXIAL)),
-            ("loc", mr_bytes(1, 0, 1, "1.3", description="3-plane loc")),
-            ("der", mr_bytes(1, 0, 1, "1.4", image_type=("DERIVED", "SECONDARY"))),
+            ("sag", mr_bytes(series_uid="1.1")),
+            ("ax", mr_bytes(series_uid="1.2", iop=AXIAL, series_number=5)),
+            ("cor", mr_bytes(series_uid="1.3", iop=CORONAL, series_number=6)),
+            ("loc", mr_bytes(series_uid="1.4", description="3-plane loc", series_number=1)),
+            ("scout", mr_bytes(series_uid="1.5", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), description="t1_sag", series_number=2)),
+            ("sec", mr_bytes(series_uid="1.6", image_type=("DERIVED", "SECONDARY"), series_number=7)),
+            ("mpr", mr_bytes(series_uid="1.7", image_type=("DERIVED", "PRIMARY", "MPR"), series_number=8)),
+            ("post", mr_bytes(series_uid="1.8", description="T1 SAG +C", series_number=9)),
         ]
         study = read_study(files)
-        reasons = sorted(s["reason"] for s in study.skipped)
-        assert len(study.series) == 1
-        assert reasons == ["ImageType DERIVED/SECONDARY", "localizer/scout", "not sagittal (axial orientation)"]
+        reasons = {s["series_number"]: s["reason"] for s in study.skipped}
+        assert [s.files for s in study.series] == [("sag",)]
+        assert reasons[5] == "not sagittal (axial orientation)" and reasons[6] == "not sagittal (coronal orientation)"
+        assert reasons[1] == reasons[2].split(" (")[0] == "localizer/scout"
+        assert "SECONDARY" in reasons[7] and "MPR" in reasons[8] and reasons[9].startswith("post-contrast")
 
-    @pytest.mark.parametrize("description,sequence", [("sag T1 FSE", "T1"), ("STIR_SAG", "STIR"), ("T2 FS SAG", "STIR"), ("SAG T2", "T2")])
-    def test_sequence_from_description(self, description, sequence):
+    @pytest.mark.parametrize("description,reason", [
+        ("t1_loc_sag", "localizer/scout"), ("SURVEY", "localizer/scout"), ("Localizer", "localizer/scout"),
+        ("T1 SAG POST GD", "post-contrast"), ("t1_tse_sag_ce", "post-contrast"), ("SAG T1 +C", "post-contrast"),
+        ("T1 SAG block", None), ("sag T2 FSE", None),
+    ])
+    def test_description_skip_rules(self, description, reason):
+        """Localizer and post-contrast descriptions are skipped, whatever the separators; others are kept."""
+        study = read_study([("a", mr_bytes(series_uid="1", description=description)), ("b", mr_bytes(series_uid="2", series_number=9, description="T2 SAG"))])
+        skipped = [s["reason"] for s in study.skipped]
+        assert (skipped[0].startswith(reason) if reason else skipped == [])
+
+    def test_distortion_corrected_originals_kept(self):
+        """DERIVED\\PRIMARY (e.g. Siemens DIS2D) images are originals and are kept."""
+        study = read_study([("a", mr_bytes(image_type=("DERIVED", "PRIMARY", "M", "NORM", "DIS2D")))])
+        assert len(study.series) == 1
+
+    def test_unknown_sequence_skipped(self):
+        """A proton-density series is neither T1, T2 nor STIR."""
+        files = [("t1", mr_bytes(description="T1 SAG", series_uid="1")), ("pd", mr_bytes(description="SAG PD", series_uid="2", series_number=4,
+                                                                                      timing={"RepetitionTime": 2000, "EchoTime": 30}))]
+        study = read_study(files)
+        assert [s["reason"] for s in study.skipped] == ["sequence type (T1/T2/STIR) not recognised from SeriesDescription or TR/TE/TI"]
+
+    def test_series_order(self):
+        """Series come by SeriesNumber, then description, whatever the file order."""
+        files = [("c", mr_bytes(series_uid="3", series_number=5, description="T1 SAG")),
+                 ("b", mr_bytes(series_uid="2", series_number=2, description="T2 SAG")),
+                 ("a", mr_bytes(series_uid="1", series_number=2, description="STIR SAG"))]
+        assert [s.description for s in read_study(files).series] == ["STIR SAG", "T2 SAG", "T1 SAG"]
+
+    def test_different_sizes_skipped(self):
+        """Slices of different sizes in one series make it unusable; the others remain."""
+        files = [("a", mr_bytes(series_uid="1")), ("b", mr_bytes(x_mm=4, series_uid="1", shape=(6, 6))),
+                 ("c", mr_bytes(series_uid="2", series_number=4, description="T1 SAG"))]
+        study = read_study(files)
+        assert [s.sequence for s in study.series] == ["T1"] and "different sizes" in study.skipped[0]["reason"]
+
+    def test_dicomdir_and_duplicates_ignored(self):
+        """A DICOMDIR is ignored and a file sent twice counts once."""
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.1.3.10", generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        dicomdir = Dataset()
+        dicomdir.file_meta = meta
+        buf = io.BytesIO()
+        dicomdir.save_as(buf, enforce_file_format=True)
+        slice_ = mr_bytes()
+        study = read_study([("DICOMDIR", buf.getvalue()), ("a", slice_), ("copy", slice_)])
+        assert study.series[0].files == ("a",)
+
+    def test_nothing_logged_about_the_patient(self, caplog):
+        """Debug logging carries neither PatientID nor pixel values."""
+        with caplog.at_level(logging.DEBUG, logger="wff"):
+            read_study([("a", mr_bytes(1234, patient_id="SECRET-ID", age="bad")), ("ax", mr_bytes(series_uid="2", iop=AXIAL, patient_id="SECRET-ID"))])
+        assert "SECRET" not in caplog.text and "2458" not in caplog.text
+
+
+class TestSequenceRules:
+    @pytest.mark.parametrize("description,sequence", [
+        ("T1 TSE SAG", "T1"), ("sag T1 FSE", "T1"), ("sT1W_TSE", "T1"), ("T1 FS SAG", "T1"),
+        ("sag T2 FSE", "T2"), ("SAG T2 FRFSE", "T2"), ("T2W_TSE SAG", "T2"),
+        ("STIR_SAG", "STIR"), ("t2_tirm_sag", "STIR"), ("T2 FS SAG", "STIR"), ("t2_tse_fs_sag", "STIR"),
+        ("sag T2 FSE FS", "STIR"), ("T2W_SPAIR SAG", "STIR"), ("SAG FatSat T2", "STIR"),
+    ])
+    def test_description(self, description, sequence):
         """Vendor description variants map to T1 / T2 / STIR."""
-        assert sequence_of(pydicom.dcmread(io.BytesIO(mr_bytes(1, 0, 1, "1", description=description)))) == sequence
+        assert sequence_of(pydicom.dcmread(io.BytesIO(mr_bytes(description=description)))) == sequence
+
+    @pytest.mark.parametrize("timing,sequence", [
+        ({"RepetitionTime": 4000, "EchoTime": 60, "InversionTime": 160}, "STIR"),
+        ({"RepetitionTime": 550, "EchoTime": 12}, "T1"),
+        ({"RepetitionTime": 3500, "EchoTime": 100}, "T2"),
+        ({"RepetitionTime": 2000, "EchoTime": 30}, None),
+    ])
+    def test_timing_fallback(self, timing, sequence):
+        """Without a recognisable description, TR/TE/TI decide."""
+        assert sequence_of(pydicom.dcmread(io.BytesIO(mr_bytes(description="SAG 3", timing=timing)))) == sequence
+
+
+    def test_timing_from_enhanced_functional_groups(self):
+        """Enhanced MR keeps TR and TI in shared functional groups; they are read from there."""
+        shared = Dataset()
+        shared.MRTimingAndRelatedParametersSequence = DicomSequence([Dataset()])
+        shared.MRTimingAndRelatedParametersSequence[0].RepetitionTime = 4000.0
+        shared.MRModifierSequence = DicomSequence([Dataset()])
+        shared.MRModifierSequence[0].InversionTimes = [160.0]
+        ds = Dataset()
+        ds.SeriesDescription = "SAG 3"
+        ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+        assert sequence_of(ds) == "STIR"
 
 
 class TestRejections:
@@ -108,38 +286,77 @@ class TestRejections:
             read_study([("notes.txt", b"hello, not dicom" * 20)])
 
     def test_truncated_file(self):
-        """A truncated file is reported as such."""
-        data = mr_bytes(1, 0, 1, "1")
-        with pytest.raises(InputError, match="cut.dcm"):
-            read_study([("cut.dcm", data[: len(data) // 3])])
+        """A file cut short is refused with its name."""
+        data = mr_bytes()
+        with pytest.raises(InputError, match="cut.dcm: (unreadable DICOM|pixel data cannot be decoded)"):
+            read_study([("cut.dcm", data[: len(data) - 40])])
+
+    def test_missing_pixel_data(self):
+        """A DICOM object without pixels (a report, a presentation state) is refused."""
+        with pytest.raises(InputError, match="report.dcm: DICOM without pixel data"):
+            read_study([("report.dcm", mr_bytes(pixels=False))])
 
     def test_two_patients(self):
         """Files of more than one PatientID are refused without printing the IDs."""
-        files = [("a", mr_bytes(1, 0, 1, "1", patient_id="SECRET-1")), ("b", mr_bytes(1, 4, 2, "1", patient_id="SECRET-2"))]
-        with pytest.raises(InputError, match="2 different PatientID") as e:
+        files = [("a", mr_bytes(patient_id="SECRET-1")), ("b", mr_bytes(x_mm=4, instance=2, patient_id="SECRET-2"))]
+        with pytest.raises(InputError, match="2 different PatientID values") as e:
             read_study(files)
         assert "SECRET" not in str(e.value)
 
-    def test_no_sagittal_series(self):
-        """Only axial images: the error says why each series was skipped."""
-        with pytest.raises(InputError, match="not sagittal"):
-            read_study([("ax", mr_bytes(1, 0, 1, "1", iop=AXIAL))])
+    def test_no_usable_series_says_why(self):
+        """Only axial and localizer images: the error gives each series' reason."""
+        with pytest.raises(InputError, match=r"no usable sagittal.*series 3 'T2 TSE SAG': not sagittal.*localizer"):
+            read_study([("ax", mr_bytes(iop=AXIAL)), ("loc", mr_bytes(series_uid="2", series_number=1, description="SURVEY"))])
 
-    def test_limits(self):
-        """Configured limits on files and pixels are enforced with the setting's name."""
-        with pytest.raises(InputError, match="max_files"):
-            read_study([("a", b"x")] * 3, ServingConfig(max_files=2))
-        with pytest.raises(InputError, match="max_pixels_per_slice"):
-            read_study([("a", mr_bytes(1, 0, 1, "1"))], ServingConfig(max_pixels_per_slice=10))
+    @pytest.mark.parametrize("limits,match", [
+        (ServingConfig(max_files=2), "3 files exceed the limit of 2 .*serving.max_files"),
+        (ServingConfig(max_bytes=1000), "bytes exceed the limit of 1000 .*serving.max_bytes"),
+        (ServingConfig(max_slices=2), "3 sagittal slices exceed the limit of 2 .*serving.max_slices"),
+        (ServingConfig(max_pixels_per_slice=10), "a: 8x8 pixels exceed the limit of 10 .*serving.max_pixels_per_slice"),
+    ])
+    def test_limits(self, limits, match):
+        """Each request limit is enforced with the setting's name."""
+        with pytest.raises(InputError, match=match):
+            read_study([("a", mr_bytes()), ("b", mr_bytes(x_mm=4)), ("c", mr_bytes(x_mm=8))], limits)
+
+
+class TestReadStudyDir:
+    def test_names_relative_and_sidecars_ignored(self, tmp_path):
+        """Files are named relative to the folder; LabelMe, CSV and hidden files are not read."""
+        (tmp_path / "S2_T2").mkdir()
+        (tmp_path / "S2_T2" / "IM0001.dcm").write_bytes(mr_bytes(x_mm=0))
+        (tmp_path / "S2_T2" / "IM0002").write_bytes(mr_bytes(x_mm=-4))
+        (tmp_path / "S2_T2" / "IM0001.json").write_text("{}")
+        (tmp_path / "notes.csv").write_text("a,b\n")
+        (tmp_path / ".DS_Store").write_bytes(b"\0\1")
+        study = read_study_dir(tmp_path)
+        assert study.series[0].files == ("S2_T2/IM0001.dcm", "S2_T2/IM0002")
+
+    def test_not_a_folder(self, tmp_path):
+        """A missing folder is an InputError naming it."""
+        with pytest.raises(InputError, match="nope: not a folder"):
+            read_study_dir(tmp_path / "nope")
+
+    def test_limits_before_reading(self, tmp_path):
+        """Too many files are refused from the listing alone."""
+        for i in range(3):
+            (tmp_path / f"{i}.dcm").write_bytes(b"x")
+        with pytest.raises(InputError, match="3 files exceed .*serving.max_files"):
+            read_study_dir(tmp_path, ServingConfig(max_files=2))
 
 
 class TestParseAge:
-    @pytest.mark.parametrize("text,years", [("045Y", 45), ("006M", 0.5), ("052W", 52 / 52.1775), ("365D", 365 / 365.25)])
+    @pytest.mark.parametrize("text,years", [("045Y", 45), ("006M", 0.5), ("012W", 12 * 7 / 365.25), ("030D", 30 / 365.25), ("45Y", 45), ("045y", 45)])
     def test_units(self, text, years):
-        """DICOM AS units Y, M, W, D convert to years."""
+        """DICOM AS units D, W, M and Y convert to years."""
         assert parse_age(text) == pytest.approx(years)
 
-    def test_malformed(self):
+    @pytest.mark.parametrize("text", ["45 years", "Y045", "", "1234Y", "045X"])
+    def test_malformed(self, text):
         """A malformed age string is an InputError quoting it."""
-        with pytest.raises(InputError, match="45 years"):
-            parse_age("45 years")
+        with pytest.raises(InputError, match="not a DICOM age string"):
+            parse_age(text)
+
+    def test_bad_tag_leaves_age_unknown(self):
+        """A malformed PatientAge tag does not fail the study; the age is left to the request."""
+        assert read_study([("a", mr_bytes(age="fifty"))]).patient_age is None

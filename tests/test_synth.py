@@ -1,91 +1,203 @@
-"""The synthetic dataset: layout, tags, labels, and that the reader and loader accept it."""
+"""The synthetic dataset: composition, difficulty, DICOM tags, LabelMe files and the CLI."""
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
 import pydicom
 import pytest
+from click.testing import CliRunner
 
-from wff.config import SMALL
+from wff.config import LOCATIONS
 from wff.ensemble.dicom_series import read_study_dir
-from wff.training.dataset import load_patient, load_records, read_labelme
-from wff.training.synth import draw_patients, synthesize_dataset
+from wff.training.data_cli import data
+from wff.training.synth import (
+    class_counts, draw_patients, generate_patients, make_anatomy, observer_accuracy, plan_series, render_series, synthesize_dataset,
+    write_patient,
+)
+
+LABELME_KEYS = {"version", "flags", "shapes", "imagePath", "imageData", "imageHeight", "imageWidth"}
+SHAPE_KEYS = {"label", "points", "group_id", "shape_type", "flags"}
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return synthesize_dataset(tmp_path_factory.mktemp("synth"), 3, 2, seed=1)
+    """2 training + 2 test patients, seed 1."""
+    return synthesize_dataset(tmp_path_factory.mktemp("synth") / "data", 2, 2, seed=1)
 
 
-class TestDrawPatients:
-    def test_paper_proportions_and_ages(self):
-        """Paper-size draw: 180/265 train and 90/50 test, malignant patients older on average."""
+def rows(dataset):
+    return list(csv.DictReader(open(dataset / "labels.csv")))
+
+
+class TestComposition:
+    def test_paper_counts(self):
+        """Paper size: 180/265 benign/malignant training and 90/50 test patients, ids SYN0001..SYN0585."""
         patients = draw_patients(445, 140, np.random.default_rng(0))
-        train = [p for p in patients if p.split == "train"]
-        test = [p for p in patients if p.split == "test"]
-        assert sum(p.label for p in train) == 265 and sum(p.label for p in test) == 50
+        for split, (benign, malignant) in (("train", (180, 265)), ("test", (90, 50))):
+            labels = [p.label for p in patients if p.split == split]
+            assert (labels.count(0), labels.count(1)) == (benign, malignant)
+        assert [p.patient_id for p in patients[:2]] == ["SYN0001", "SYN0002"] and patients[-1].patient_id == "SYN0585"
+
+    @pytest.mark.parametrize("n,split,expected", [(120, "train", (49, 71)), (60, "test", (39, 21)), (8, "train", (3, 5)), (6, "test", (4, 2)), (2, "test", (1, 1))])
+    def test_scaled_counts_keep_both_classes(self, n, split, expected):
+        """Smaller splits keep the paper's proportions and at least one patient per class."""
+        assert class_counts(n, split) == expected
+
+    def test_ages_follow_fig5(self):
+        """Mean 48 +- 18 in 4-82; malignancy under 20 % below 30, about half in the forties, nearly all from 70."""
+        patients = draw_patients(4450, 1400, np.random.default_rng(1))
         ages = np.array([p.age for p in patients])
         labels = np.array([p.label for p in patients])
-        assert ages[labels == 1].mean() > ages[labels == 0].mean() + 10
-        assert 4 <= ages.min() and ages.max() <= 82
+        assert 46 <= ages.mean() <= 50 and 15 <= ages.std() <= 20 and ages.min() >= 4 and ages.max() <= 82
+        assert labels[ages < 30].mean() < 0.3
+        assert 0.3 <= labels[(ages >= 40) & (ages < 50)].mean() <= 0.6
+        assert labels[ages >= 70].mean() > 0.8
+
+    def test_locations_and_sex(self):
+        """Locations follow Table 2 (cervical most, sacral rarest); both sexes appear."""
+        patients = draw_patients(445, 140, np.random.default_rng(2))
+        counts = {loc: sum(p.location == loc for p in patients) for loc in LOCATIONS}
+        assert counts["cervical"] > counts["thoracic"] > counts["sacral"] and counts["lumbar"] > counts["sacral"] > 0
+        assert 0.45 < np.mean([p.sex == "M" for p in patients]) < 0.67
+
+    def test_ids_do_not_reveal_the_class(self):
+        """Within a split, labels are shuffled rather than benign first."""
+        labels = [p.label for p in draw_patients(40, 20, np.random.default_rng(3)) if p.split == "train"]
+        assert labels != sorted(labels)
+
+
+class TestDifficulty:
+    def test_ideal_observer(self):
+        """All series ~0.87 (0.84-0.90), T2/STIR better than T1, one slice clearly worse, z itself ~0.91."""
+        acc = observer_accuracy(2000, seed=0)
+        assert 0.84 <= acc["all_series"] <= 0.90
+        assert acc["T1_only"] + 0.04 <= acc["T2_STIR_only"] <= acc["all_series"] + 0.01
+        assert acc["single_slice"] <= acc["all_series"] - 0.07
+        assert 0.89 <= acc["z_known"] <= 0.94
+
+    @pytest.mark.parametrize("sequence,brighter", [("T1", False), ("T2", True), ("STIR", True)])
+    def test_tumour_unlike_marrow(self, sequence, brighter):
+        """With neutral attributes the tumour is darker than normal marrow on T1, brighter on T2/STIR, on adjacent slices."""
+        patient = draw_patients(2, 2, np.random.default_rng(4))[0]
+        rng = np.random.default_rng(5)
+        anatomy = make_anatomy(patient, rng)
+        plan = dataclasses.replace(plan_series(patient, anatomy, rng)[0], sequence=sequence, noise=0.0)
+        pixels, boxes = render_series(anatomy, plan, np.zeros((len(plan.positions), 4), np.float32), rng)
+        labelled = [k for k, b in enumerate(boxes) if b]
+        assert len(labelled) >= 2 and labelled == list(range(labelled[0], labelled[-1] + 1))
+        k = labelled[len(labelled) // 2]
+        x1, y1, x2, y2 = (int(v) for v in boxes[k][0])
+        tumour = np.median(pixels[k, y1:y2, x1:x2])
+        busy = {anatomy.tumour.level} | {s.level for s in anatomy.satellites}
+        v_mid = plan.v0 + plan.rows * plan.spacing / 2
+        normal = min((lv for i, lv in enumerate(anatomy.levels) if i not in busy), key=lambda lv: abs(lv.cv - v_mid))
+        row, col = int((normal.cv - plan.v0) / plan.spacing), int((normal.cu - plan.u0) / plan.spacing)
+        marrow = np.median(pixels[k, row - 2:row + 3, col - 2:col + 3])
+        assert (tumour > marrow) == brighter
 
 
 class TestDataset:
-    def test_layout_and_tags(self, dataset):
-        """labels.csv, one folder per patient, 2-4 sagittal series of 11-21 12-bit slices."""
-        rows = list(csv.DictReader(open(dataset / "labels.csv")))
-        assert [r["split"] for r in rows].count("test") == 2
-        for row in rows:
+    def test_layout(self, dataset):
+        """labels.csv with the documented columns; one folder per patient with 2-4 series of 11-21 slices."""
+        table = rows(dataset)
+        assert list(table[0]) == ["patient_id", "label", "age", "location", "split"]
+        assert [r["split"] for r in table] == ["train", "train", "test", "test"]
+        assert {r["label"] for r in table if r["split"] == "test"} == {"benign", "malignant"}
+        for row in table:
+            assert row["location"] in LOCATIONS and 4 <= int(row["age"]) <= 82
             series = sorted((dataset / row["patient_id"]).iterdir())
             assert 2 <= len(series) <= 4
             for folder in series:
-                slices = sorted(folder.glob("*.dcm"))
-                assert 11 <= len(slices) <= 21
-            ds = pydicom.dcmread(slices[0])
-            assert ds.BitsStored == 12 and ds.Modality == "MR" and ds.PatientAge.endswith("Y")
-            assert ds.pixel_array.max() <= 4095
+                assert 11 <= len(list(folder.glob("*.dcm"))) <= 21
+                assert folder.name.split("_")[1] in ("T1", "T2", "STIR")
+
+    def test_dicom_tags(self, dataset):
+        """A slice carries the MR image tags the brief lists, 12-bit in 16, explicit VR little endian."""
+        row = rows(dataset)[0]
+        folder = sorted((dataset / row["patient_id"]).iterdir())[0]
+        ds = pydicom.dcmread(folder / "IM0001.dcm")
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert ds.SOPClassUID == pydicom.uid.MRImageStorage == ds.file_meta.MediaStorageSOPClassUID
+        assert ds.Modality == "MR" and ds.PatientID == row["patient_id"] and str(ds.PatientName) == f"Synthetic^{row['patient_id'][3:]}"
+        assert ds.PatientAge == f"{int(row['age']):03d}Y" and ds.PatientSex in ("M", "F")
+        assert list(ds.ImageOrientationPatient) == [0, 1, 0, 0, 0, -1] and list(ds.ImageType[:2]) == ["ORIGINAL", "PRIMARY"]
+        assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation) == (16, 12, 11, 0)
+        assert ds.PhotometricInterpretation == "MONOCHROME2" and (ds.RescaleSlope, ds.RescaleIntercept) == (1, 0)
+        assert 3 <= ds.SliceThickness <= 7 and ds.SpacingBetweenSlices >= ds.SliceThickness
+        assert ds.pixel_array.max() <= 4095 and (ds.Rows, ds.Columns) in ((256, 256), (320, 320), (256, 224), (320, 256))
+        assert ds.RepetitionTime > 0 and ds.EchoTime > 0 and ds.SeriesDescription
+
+    def test_uids_and_positions(self, dataset):
+        """UIDs are unique per instance and shared per series; positions step along x by SpacingBetweenSlices."""
+        patient = dataset / rows(dataset)[0]["patient_id"]
+        sops, series_uids, study_uids = set(), set(), set()
+        for folder in sorted(patient.iterdir()):
+            files = sorted(folder.glob("*.dcm"))
+            headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+            sops |= {h.SOPInstanceUID for h in headers}
+            series_uids |= {h.SeriesInstanceUID for h in headers}
+            study_uids |= {h.StudyInstanceUID for h in headers}
+            xs = np.array([float(h.ImagePositionPatient[0]) for h in headers])
+            np.testing.assert_allclose(np.abs(np.diff(xs)), float(headers[0].SpacingBetweenSlices), atol=1e-3)
+        assert len(sops) == sum(len(list(f.glob("*.dcm"))) for f in patient.iterdir())
+        assert len(series_uids) == len(list(patient.iterdir())) and len(study_uids) == 1
+
+    def test_labelme_sidecars(self, dataset):
+        """LabelMe 5 rectangles with the patient's label beside 2-12 adjacent slices of each series."""
+        for row in rows(dataset):
+            for folder in (dataset / row["patient_id"]).iterdir():
+                sidecars = sorted(folder.glob("*.json"))
+                numbers = [int(f.stem[2:]) for f in sidecars]
+                assert 2 <= len(sidecars) <= 12 and numbers == list(range(numbers[0], numbers[-1] + 1))
+                doc = json.loads(sidecars[0].read_text())
+                assert set(doc) == LABELME_KEYS and doc["imagePath"] == sidecars[0].stem + ".dcm" and doc["imageData"] is None
+                ds = pydicom.dcmread(folder / doc["imagePath"], stop_before_pixels=True)
+                assert (doc["imageHeight"], doc["imageWidth"]) == (ds.Rows, ds.Columns)
+                for shape in doc["shapes"]:
+                    assert set(shape) == SHAPE_KEYS and shape["shape_type"] == "rectangle" and shape["label"] == row["label"]
+                    (x1, y1), (x2, y2) = shape["points"]
+                    assert 0 <= x1 < x2 <= ds.Columns and 0 <= y1 < y2 <= ds.Rows
 
     def test_reader_selects_every_series(self, dataset):
-        """Every synthetic series is sagittal and recognised."""
-        pid = list(csv.DictReader(open(dataset / "labels.csv")))[0]["patient_id"]
-        study = read_study_dir(dataset / pid)
-        assert study.skipped == () and {s.sequence for s in study.series} >= {"T1", "T2"}
+        """Every synthetic series is sagittal and classified as its folder says; PatientAge is read."""
+        row = rows(dataset)[0]
+        study = read_study_dir(dataset / row["patient_id"])
+        assert study.skipped == () and study.patient_age == float(row["age"])
+        assert [s.sequence for s in study.series] == [f.name.split("_")[1] for f in sorted((dataset / row["patient_id"]).iterdir())]
 
-    def test_labelme_boxes_on_adjacent_slices(self, dataset):
-        """Tumours are labelled on several adjacent slices with the patient's label."""
-        record = load_records(dataset, "train")[0]
-        patient = load_patient(record, SMALL.image)
-        labelled = [i for i, b in enumerate(patient.boxes) if len(b)]
-        assert len(labelled) >= 2
-        some = next(record.path.rglob("*.json"))
-        ((label, box),) = read_labelme(some)
-        assert label == ("malignant" if record.label else "benign") and box[2] > box[0] and box[3] > box[1]
+    def test_deterministic(self, dataset, tmp_path):
+        """The same seed writes the same bytes."""
+        patient = draw_patients(2, 2, np.random.default_rng(1))[0]
+        write_patient(tmp_path, patient, seed=1)
+        for again in sorted((tmp_path / patient.patient_id).rglob("*.*"))[:5]:
+            assert again.read_bytes() == (dataset / again.relative_to(tmp_path)).read_bytes()
 
-
-class TestLoadRecords:
-    def test_filters_split_and_parses_labels(self, tmp_path):
-        """benign/malignant or 0/1; an empty age is NaN; other splits are dropped."""
-        for pid in ("P1", "P2", "P3"):
-            (tmp_path / pid).mkdir()
-        (tmp_path / "labels.csv").write_text(
-            "patient_id,label,age,location,split\nP1,malignant,61,lumbar,test\nP2,0,,cervical,test\nP3,benign,40,sacral,train\n"
-        )
-        records = load_records(tmp_path, "test")
-        assert [(r.patient_id, r.label) for r in records] == [("P1", 1), ("P2", 0)]
-        assert records[0].age == 61 and np.isnan(records[1].age) and records[0].path == tmp_path / "P1"
+    def test_labels_written_last(self, tmp_path):
+        """labels.csv appears only after the last patient, so an interrupted dataset is recognisable."""
+        steps = generate_patients(tmp_path / "d", 2, 2, seed=0)
+        next(steps)
+        assert not (tmp_path / "d" / "labels.csv").exists()
+        assert len(list(steps)) == 3 and (tmp_path / "d" / "labels.csv").exists()
 
 
-class TestLoaderErrors:
-    def test_bad_label_names_row_and_column(self, tmp_path):
-        """A bad label value names the file, row and column."""
-        (tmp_path / "P1").mkdir()
-        (tmp_path / "labels.csv").write_text("patient_id,label,age,location,split\nP1,maybe,40,lumbar,train\n")
-        with pytest.raises(ValueError, match="row 2, column label"):
-            load_records(tmp_path)
+class TestCli:
+    def test_synth_json_summary(self, tmp_path):
+        """wff data synth --train 2 --test 2 --json - prints a summary and writes the dataset."""
+        result = CliRunner().invoke(data, ["synth", str(tmp_path / "d"), "--train", "2", "--test", "2", "--seed", "3", "--json", "-"])
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout)
+        assert summary["patients"] == {"train": {"benign": 1, "malignant": 1}, "test": {"benign": 1, "malignant": 1}}
+        assert summary["dicom_files"] == len(list((tmp_path / "d").rglob("*.dcm"))) and summary["megabytes"] > 0
+        assert "wrote 2 training" in result.stderr
 
-    def test_malformed_labelme(self, tmp_path):
-        """A LabelMe file without shapes is refused with its path."""
-        (tmp_path / "a.json").write_text(json.dumps({"nope": 1}))
-        with pytest.raises(ValueError, match="a.json"):
-            read_labelme(tmp_path / "a.json")
+    def test_refuses_existing_dataset(self, dataset):
+        """An existing dataset is not overwritten."""
+        result = CliRunner().invoke(data, ["synth", str(dataset), "--size", "tiny"])
+        assert result.exit_code == 2 and "already holds a dataset" in result.output
+
+    def test_refuses_one_patient_split(self, tmp_path):
+        """A split needs a patient per class."""
+        result = CliRunner().invoke(data, ["synth", str(tmp_path / "d"), "--train", "1"])
+        assert result.exit_code == 2 and "--train" in result.output

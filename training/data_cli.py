@@ -1,14 +1,15 @@
-"""``wff data synth``: write a synthetic spine MRI DICOM dataset."""
+"""``wff data``: dataset commands (``wff data synth``: write a synthetic spine MRI DICOM dataset)."""
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import click
 
-from wff.training.synth import SIZES, synthesize_dataset
+from wff.training.synth import SIZES, class_counts, generate_patients
 
 
 @click.group()
@@ -16,37 +17,58 @@ def data() -> None:
     """Datasets: synthetic generation."""
 
 
-@data.command()
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--size", type=click.Choice(sorted(SIZES)), default="paper", show_default=True,
-              help="paper: 445 train / 140 test patients; demo: 120 / 60; tiny: 8 / 6.")
-@click.option("--train", "n_train", type=int, default=None, help="Training patients (overrides --size).")
-@click.option("--test", "n_test", type=int, default=None, help="Test patients (overrides --size).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--json", "json_out", default=None, metavar="FILE|-", help="Write a JSON summary.")
-def synth(out_dir: Path, size: str, n_train: int | None, n_test: int | None, seed: int, json_out: str | None) -> None:
-    """Write a synthetic sagittal spine MRI dataset (DICOM + LabelMe + labels.csv) to OUT_DIR."""
+def _scaled(size: str, n_train: int | None, n_test: int | None) -> tuple[int, int]:
+    """--train/--test override the counts of --size; the class proportions per split stay the paper's."""
     default_train, default_test = SIZES[size]
-    n_train, n_test = n_train or default_train, n_test or default_test
-    if (out_dir / "labels.csv").exists():
-        raise click.BadParameter(f"{out_dir} already holds a dataset (labels.csv); choose an empty folder", param_hint="OUT_DIR")
-    t0 = time.perf_counter()
-    try:
-        synthesize_dataset(out_dir, n_train, n_test, seed=seed, progress=lambda m: click.echo(m, err=True))
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from e
+    return (default_train if n_train is None else n_train), (default_test if n_test is None else n_test)
+
+
+def summarize(out_dir: Path, n_train: int, n_test: int, seconds: float) -> dict:
     files = [f for f in out_dir.rglob("*") if f.is_file()]
-    summary = {
+    return {
         "out_dir": str(out_dir),
-        "train_patients": n_train,
-        "test_patients": n_test,
+        "patients": {
+            split: dict(zip(("benign", "malignant"), class_counts(n, split))) for split, n in (("train", n_train), ("test", n_test))
+        },
+        "series": sum(1 for d in out_dir.glob("*/*") if d.is_dir()),
         "dicom_files": sum(f.suffix == ".dcm" for f in files),
         "labelme_files": sum(f.suffix == ".json" for f in files),
         "megabytes": round(sum(f.stat().st_size for f in files) / 1e6, 1),
-        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds": round(seconds, 1),
     }
-    click.echo(f"wrote {summary['train_patients']} + {summary['test_patients']} patients, {summary['dicom_files']} DICOM files, "
-               f"{summary['megabytes']} MB in {summary['seconds']} s to {out_dir}", err=True)
+
+
+@data.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--size", type=click.Choice(sorted(SIZES)), default="paper", show_default=True,
+              help="paper: 445 train (180 benign / 265 malignant) + 140 test (90 / 50); demo: 120 + 60; tiny: 8 + 6.")
+@click.option("--train", "n_train", type=click.IntRange(min=2), default=None, help="Training patients (overrides --size, same class mix).")
+@click.option("--test", "n_test", type=click.IntRange(min=2), default=None, help="Test patients (overrides --size, same class mix).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same dataset, byte for byte.")
+@click.option("--json", "json_out", default=None, metavar="FILE|-", help="Write the summary as JSON to FILE, or to stdout with -.")
+def synth(out_dir: Path, size: str, n_train: int | None, n_test: int | None, seed: int, json_out: str | None) -> None:
+    """Write a synthetic sagittal spine MRI dataset (DICOM + LabelMe + labels.csv) to OUT_DIR.
+
+    The layout is the one real datasets must have: OUT_DIR/labels.csv and one folder per
+    patient with a folder per series (see wff.training.synth).
+    """
+    n_train, n_test = _scaled(size, n_train, n_test)
+    if (out_dir / "labels.csv").exists():
+        raise click.BadParameter(f"{out_dir} already holds a dataset (labels.csv); choose an empty folder", param_hint="OUT_DIR")
+    t0 = time.perf_counter()
+    patients = generate_patients(out_dir, n_train, n_test, seed=seed)
+    with click.progressbar(patients, length=n_train + n_test, label=f"writing {n_train} + {n_test} patients", file=sys.stderr) as bar:
+        for _ in bar:
+            pass
+    summary = summarize(out_dir, n_train, n_test, time.perf_counter() - t0)
+    train, test = summary["patients"]["train"], summary["patients"]["test"]
+    click.echo(
+        f"wrote {n_train} training ({train['benign']} benign, {train['malignant']} malignant) and {n_test} test "
+        f"({test['benign']} benign, {test['malignant']} malignant) patients: {summary['series']} series, "
+        f"{summary['dicom_files']} DICOM files, {summary['labelme_files']} LabelMe files, {summary['megabytes']} MB "
+        f"in {summary['seconds']} s to {out_dir}",
+        err=True,
+    )
     if json_out == "-":
         click.echo(json.dumps(summary, indent=2))
     elif json_out:

@@ -1,17 +1,21 @@
 """Read a dataset in the project's layout (synthetic or real): labels.csv + DICOM + LabelMe.
 
-    DATASET/labels.csv                      patient_id,label,age,location,split
-    DATASET/<patient_id>/<series>/<slice>.dcm
-    DATASET/<patient_id>/<series>/<slice>.json   LabelMe rectangles (or polygons) for that slice
+    DATASET/labels.csv                          patient_id,label,age,location,split
+    DATASET/<patient_id>/<series>/<slice>.dcm   any folder names and depth below the patient
+    DATASET/<patient_id>/<series>/<slice>.json  LabelMe rectangles (or polygons) for that slice
 
-Patients go through the serving preprocessing (wff.ensemble.dicom_series + preprocess), and
-the LabelMe shapes are mapped into detector pixels with the same letterbox scale.
+``label`` is benign | malignant (or 0 | 1), ``location`` one of config.LOCATIONS, ``split``
+train | test, ``age`` in years (empty when unknown: diagnosed without the age term). Patients go through the serving preprocessing (wff.ensemble.dicom_series and
+preprocess), and the LabelMe shapes are mapped into detector pixels with the same letterbox
+scale, so training sees exactly what serving sees.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,78 +23,134 @@ import numpy as np
 from wff.config import LABELS, LOCATIONS, ImageConfig
 from wff.ensemble.dicom_series import read_study_dir
 from wff.ensemble.preprocess import prepare_patient
-from wff.ensemble.types import AnnotatedPatient, PatientRecord
+from wff.ensemble.types import AnnotatedPatient, InputError, PatientRecord
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ("patient_id", "label", "age", "location", "split")
 SPLITS = ("train", "test")
+BOX_SHAPES = ("rectangle", "polygon", "circle")  # LabelMe shape types that outline a region
+MAX_AGE = 120.0
+LABEL_ALIASES = {"0": LABELS[0], "1": LABELS[1]}  # labels may also be written 0 (benign) / 1 (malignant)
 
 
-def load_records(dataset: str | Path, split: str | None = None) -> list[PatientRecord]:
-    """Rows of DATASET/labels.csv (optionally one split), validated.
+def _field(row: dict, column: str, allowed: Sequence[str], where: str) -> str:
+    value = (row.get(column) or "").strip().lower()
+    if value not in allowed:
+        raise ValueError(f"{where}, column {column}: {row.get(column)!r} is not one of {', '.join(allowed)}")
+    return value
 
-    label: benign|malignant (or 0|1); age: years, empty when unknown; location: one of
-    config.LOCATIONS; split: train|test; the patient's folder must exist.
+
+def load_records(dataset_dir: str | Path, split: str | None = None) -> list[PatientRecord]:
+    """Rows of DATASET/labels.csv (optionally only one split), validated, in file order.
+
+    Raises FileNotFoundError without labels.csv, and ValueError naming the file, row and
+    column for a missing column, a bad label/location/split/age, a duplicate patient_id or a
+    missing patient folder.
     """
-    dataset = Path(dataset)
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    dataset = Path(dataset_dir)
     path = dataset / "labels.csv"
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"{path} not found; a dataset needs labels.csv with columns {','.join(COLUMNS)}")
+    records, seen = [], set()
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: missing columns {missing}; expected {','.join(COLUMNS)}")
-        records = []
-        for row_no, row in enumerate(reader, start=2):
+            raise ValueError(f"{path}: missing columns {', '.join(missing)}; expected a header with {','.join(COLUMNS)}")
+        for row_no, row in enumerate(reader, start=2):  # row 1 is the header
             where = f"{path}, row {row_no}"
-            label = row["label"].strip().lower()
-            label = {"0": LABELS[0], "1": LABELS[1]}.get(label, label)  # 0/1 accepted too
-            if label not in LABELS:
-                raise ValueError(f"{where}, column label: {row['label']!r} is not one of {LABELS} or 0/1")
-            location = row["location"].strip().lower()
-            if location not in LOCATIONS:
-                raise ValueError(f"{where}, column location: {row['location']!r} is not one of {LOCATIONS}")
-            row_split = row["split"].strip().lower()
-            if row_split not in SPLITS:
-                raise ValueError(f"{where}, column split: {row['split']!r} is not one of {SPLITS}")
+            patient_id = (row["patient_id"] or "").strip()
+            if not patient_id or "/" in patient_id or "\\" in patient_id or patient_id.startswith("."):
+                raise ValueError(f"{where}, column patient_id: {row['patient_id']!r} is not a patient folder name")
+            if patient_id in seen:
+                raise ValueError(f"{where}, column patient_id: {patient_id!r} appears twice")
+            seen.add(patient_id)
+            label = _field({**row, "label": LABEL_ALIASES.get((row.get("label") or "").strip(), row.get("label"))}, "label", LABELS, where)
+            location = _field(row, "location", LOCATIONS, where)
+            row_split = _field(row, "split", SPLITS, where)
             try:
-                age = float(row["age"]) if row["age"].strip() else float("nan")  # empty = unknown
-            except ValueError:
-                raise ValueError(f"{where}, column age: {row['age']!r} is not a number of years (or empty)") from None
-            folder = dataset / row["patient_id"].strip()
+                age = float(row["age"]) if (row["age"] or "").strip() else float("nan")  # empty = unknown
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}, column age: {row['age']!r} is not a number of years (or empty when unknown)") from None
+            if not (np.isnan(age) or 0 <= age <= MAX_AGE):
+                raise ValueError(f"{where}, column age: {age:g} is outside 0-{MAX_AGE:g} years")
+            folder = dataset / patient_id
             if not folder.is_dir():
-                raise ValueError(f"{where}: patient folder {folder} does not exist")
+                raise ValueError(f"{where}, column patient_id: patient folder {folder} does not exist")
             if split is None or row_split == split:
-                records.append(PatientRecord(row["patient_id"].strip(), LABELS.index(label), age, location, row_split, folder))
+                records.append(PatientRecord(patient_id, LABELS.index(label), age, location, row_split, folder))
     return records
 
 
-def read_labelme(path: Path) -> list[tuple[str, np.ndarray]]:
-    """(label, box x1 y1 x2 y2 in source pixels) per shape; polygons give their bounding box."""
+def read_labelme(path: str | Path) -> list[tuple[str, np.ndarray]]:
+    """(label, box) per region shape of a LabelMe file; box (4,) float32 x1, y1, x2, y2 in source pixels.
+
+    Rectangles give their corners (in any order), polygons their bounding box, circles
+    (centre, point on the circle) their bounding square. Points, lines and line strips mark
+    no region and are ignored. Raises ValueError naming the file when it is not LabelMe JSON.
+    """
+    path = Path(path)
     try:
-        data = json.loads(path.read_text())
-        shapes = data["shapes"]
+        shapes = json.loads(path.read_text())["shapes"]
         out = []
-        for shape in shapes:
+        for i, shape in enumerate(shapes):
+            kind = shape.get("shape_type") or "polygon"  # LabelMe < 4 wrote polygons without a type
+            if kind not in BOX_SHAPES:
+                log.debug("%s: shape %d (%s) marks no region, ignored", path, i, kind)
+                continue
             points = np.asarray(shape["points"], np.float32).reshape(-1, 2)
-            if len(points) < 2:
-                raise ValueError("a shape needs at least two points")
+            if len(points) < 2 or not np.isfinite(points).all():
+                raise ValueError(f"shape {i} ({kind}) needs at least two finite points")
+            if kind == "circle":
+                radius = float(np.hypot(*(points[1] - points[0])))
+                points = np.array([points[0] - radius, points[0] + radius], np.float32)
             box = np.array([points[:, 0].min(), points[:, 1].min(), points[:, 0].max(), points[:, 1].max()], np.float32)
             out.append((str(shape.get("label", "")), box))
         return out
-    except (OSError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not a usable LabelMe file ({e}); expected {{'shapes': [{{'points': [[x1, y1], [x2, y2]]}}]}}") from e
+    except (OSError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(
+            f"{path}: not a usable LabelMe file ({type(e).__name__}: {e}); expected "
+            '{"shapes": [{"label": ..., "points": [[x1, y1], [x2, y2]], "shape_type": "rectangle"}]}'
+        ) from e
 
 
-def load_patient(record: PatientRecord, cfg: ImageConfig) -> AnnotatedPatient:
-    """DICOM through the serving preprocessing, plus LabelMe boxes in detector pixels per slice."""
-    study = read_study_dir(record.path)
-    prepared = prepare_patient(study, cfg)
+def _slice_boxes(sidecar: Path, scale: float, rows: int, cols: int) -> np.ndarray:
+    """(m, 4) float32 boxes of one slice in detector pixels, clipped to the letterboxed image."""
+    if not sidecar.is_file():
+        return np.zeros((0, 4), np.float32)
+    boxes = np.array([box for _, box in read_labelme(sidecar)], np.float32).reshape(-1, 4)
+    boxes = np.clip(boxes, 0, np.array([cols, rows, cols, rows], np.float32)) * np.float32(scale)
+    keep = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)  # drop boxes outside the image
+    return boxes[keep]
+
+
+def load_patient(record: PatientRecord, image_cfg: ImageConfig) -> AnnotatedPatient:
+    """DICOM through the serving preprocessing, plus the LabelMe boxes of every slice in detector pixels.
+
+    boxes[i] belongs to prepared.slices[i]: (m, 4) float32 x1, y1, x2, y2, (0, 4) without a
+    LabelMe file. Reading errors name the patient folder and the file.
+    """
+    try:
+        study = read_study_dir(record.path)
+    except InputError as e:
+        raise InputError(f"patient {record.patient_id} ({record.path}): {e}") from e
+    prepared = prepare_patient(study, image_cfg)
     boxes = []
     for series, scale in zip(study.series, prepared.scales):
+        _, rows, cols = series.pixels.shape
         for name in series.files:
-            sidecar = (record.path / name).with_suffix(".json")
-            shapes = read_labelme(sidecar) if sidecar.exists() else []
-            slice_boxes = np.array([box * scale for _, box in shapes], np.float32).reshape(-1, 4)
-            boxes.append(slice_boxes)
+            boxes.append(_slice_boxes((record.path / name).with_suffix(".json"), scale, rows, cols))
     return AnnotatedPatient(record, prepared, tuple(boxes))
+
+
+def iter_patients(records: Sequence[PatientRecord], image_cfg: ImageConfig,
+                  progress: Callable[[int, int], None] | None = None) -> Iterator[AnnotatedPatient]:
+    """load_patient for each record in order; ``progress(done, total)`` after each patient."""
+    for i, record in enumerate(records, 1):
+        patient = load_patient(record, image_cfg)
+        if progress is not None:
+            progress(i, len(records))
+        yield patient
