@@ -307,6 +307,17 @@ def _check_selected(selected: list[list[_Instance]], limits: ServingConfig) -> N
                 )
 
 
+def _skip_record(members: list, reason: str) -> dict:
+    """What the response reports about a skipped series (no identifiers)."""
+    first = members[0].ds
+    return {"series_number": _int(first.get("SeriesNumber")), "description": _description(first), "reason": reason}
+
+
+def _nothing_usable(skipped: list[dict], advice: str = "") -> InputError:
+    why = "; ".join(f"series {s['series_number']} {s['description']!r}: {s['reason']}" for s in skipped)
+    return InputError(f"no usable sagittal T1/T2/STIR series ({why}){advice}")
+
+
 def read_study(files: Sequence[tuple[str, bytes]], limits: ServingConfig | None = None) -> Study:
     """One patient's DICOM files (name, Part 10 bytes) -> the selected sagittal series.
 
@@ -341,26 +352,22 @@ def read_study(files: Sequence[tuple[str, bytes]], limits: ServingConfig | None 
     for members in groups.values():
         reason = _skip_reason(members)
         if reason:
-            first = members[0].ds
-            skipped.append({"series_number": _int(first.get("SeriesNumber")), "description": _description(first), "reason": reason})
+            skipped.append(_skip_record(members, reason))
         else:
             candidates.append(members)
     if not candidates:
-        why = "; ".join(f"series {s['series_number']} {s['description']!r}: {s['reason']}" for s in skipped)
-        raise InputError(f"no usable sagittal T1/T2/STIR series ({why}); send the sagittal T1 and T2/STIR series")
+        raise _nothing_usable(skipped, "; send the sagittal T1 and T2/STIR series")
     _check_selected(candidates, limits)
 
     selected = []
     for members in candidates:
         series, reason = _series(members)
         if series is None:
-            first = members[0].ds
-            skipped.append({"series_number": _int(first.get("SeriesNumber")), "description": _description(first), "reason": reason})
+            skipped.append(_skip_record(members, reason))
         else:
             selected.append(series)
     if not selected:
-        why = "; ".join(f"series {s['series_number']} {s['description']!r}: {s['reason']}" for s in skipped)
-        raise InputError(f"no usable sagittal T1/T2/STIR series ({why})")
+        raise _nothing_usable(skipped)
     selected.sort(key=lambda s: (s.series_number if s.series_number is not None else math.inf, s.description))
     log.debug("study: %d series kept, %d skipped", len(selected), len(skipped))
     return Study(tuple(selected), tuple(skipped), _patient_age([m for members in candidates for m in members]))
