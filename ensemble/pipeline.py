@@ -26,6 +26,13 @@ Runner = Callable[[np.ndarray], Mapping[str, np.ndarray]]
 ARTIFACT_FILES = ("profile.json", "detector.onnx", "classifier.onnx", "age_prior.json", "fusion.json")
 
 
+def check_artifacts(artifacts: Path) -> None:
+    """FileNotFoundError naming what a ``wff train`` output folder lacks."""
+    missing = [f for f in ARTIFACT_FILES if not (artifacts / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{artifacts}: missing {missing}; run wff train first")
+
+
 def run_batched(runner: Runner, batch: np.ndarray, max_batch: int) -> dict[str, np.ndarray]:
     """Run ``runner`` over ``batch`` in chunks of at most ``max_batch`` and concatenate."""
     parts = [runner(batch[i : i + max_batch]) for i in range(0, len(batch), max_batch)]
@@ -53,9 +60,7 @@ class Pipeline:
         from wff.ensemble.runtime import OnnxRunner
 
         artifacts = Path(artifacts)
-        missing = [f for f in ARTIFACT_FILES if not (artifacts / f).exists()]
-        if missing:
-            raise FileNotFoundError(f"{artifacts}: missing {missing}; run wff train first")
+        check_artifacts(artifacts)
         profile = load_profile(artifacts / "profile.json")
         c = contracts_for(profile)
         threads = threads or profile.serving.runtime_threads

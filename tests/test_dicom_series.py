@@ -26,17 +26,23 @@ BUNDLED_MR = ["MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",
               "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"]
 
 
-def mr_bytes(value=100, x_mm=0.0, instance=1, series_uid="1.2.3", description="T2 TSE SAG", iop=SAGITTAL, patient_id="P1",
-             image_type=("ORIGINAL", "PRIMARY"), shape=(8, 8), age="050Y", photometric="MONOCHROME2", series_number=3,
-             timing=None, pixels=True) -> bytes:
-    """One single-frame MR slice as Part 10 bytes (12-bit, rescale slope 2, intercept -10)."""
+def new_dataset(sop_class: str) -> Dataset:
+    """An empty dataset with Part 10 file meta (explicit VR little endian) and its SOP UIDs set."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    return ds
+
+
+def mr_bytes(value=100, x_mm=0.0, instance=1, series_uid="1.2.3", description="T2 TSE SAG", iop=SAGITTAL, patient_id="P1",
+             image_type=("ORIGINAL", "PRIMARY"), shape=(8, 8), age="050Y", photometric="MONOCHROME2", series_number=3,
+             timing=None, pixels=True) -> bytes:
+    """One single-frame MR slice as Part 10 bytes (12-bit, rescale slope 2, intercept -10)."""
+    ds = new_dataset(MRImageStorage)
     ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = series_uid, series_number, description
     ds.PatientID, ds.Modality = patient_id, "MR"
     if age is not None:
@@ -59,13 +65,7 @@ def mr_bytes(value=100, x_mm=0.0, instance=1, series_uid="1.2.3", description="T
 
 def enhanced_mr_bytes(xs, values, slope=0.5, intercept=3.0) -> bytes:
     """An enhanced (multi-frame) sagittal MR object: orientation/spacing/rescale shared, positions per frame."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedMRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds = new_dataset(EnhancedMRImageStorage)
     ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = "9.9", 4, "sag T2 FSE"
     ds.PatientID, ds.Modality, ds.ImageType = "P1", "MR", ["ORIGINAL", "PRIMARY", "T2", "NONE"]
     shared = Dataset()

@@ -9,7 +9,6 @@ import asyncio
 import importlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import urllib.request
 
 import numpy as np
 import pytest
+
+from wff.client.metrics import fetch_metrics, per_model
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
 from click.testing import CliRunner
@@ -52,11 +53,7 @@ def client(server):
 
 def request_counts(server) -> dict[str, int]:
     """nv_inference_request_success + failure per model, from the metrics endpoint."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    counts: dict[str, int] = {}
-    for m in re.finditer(r'^nv_inference_request_(?:success|failure)\{(?:[^}]*,)?model="([^"]+)"[^}]*\} (\d+)', text, re.M):
-        counts[m.group(1)] = counts.get(m.group(1), 0) + int(m.group(2))
-    return counts
+    return {model: int(c.get("success", 0) + c.get("failure", 0)) for model, c in per_model(fetch_metrics(server.metrics_url)).items()}
 
 
 @pytest.mark.server

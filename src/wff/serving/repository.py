@@ -38,6 +38,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from wff.config import SMALL, Profile, load_profile
 from wff.contracts import Contracts, StepContract, TensorSpec, contracts_for
 from wff.ensemble.fusion import FusionSettings, load_fusion_settings
+from wff.ensemble.pipeline import check_artifacts
 
 log = logging.getLogger(__name__)
 
@@ -216,10 +217,7 @@ def build_repository(
         shutil.rmtree(out)
     if artifacts is not None:
         artifacts = Path(artifacts)
-        needed = ["profile.json", "age_prior.json", "fusion.json", *ARTIFACT_MODELS.values()]
-        missing = [f for f in needed if not (artifacts / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{artifacts}: missing {missing}; run wff train first")
+        check_artifacts(artifacts)
         profile = load_profile(artifacts / "profile.json")
         settings = load_fusion_settings(artifacts / "fusion.json")
     else:
