@@ -7,6 +7,7 @@ two folds) during the session; the embedded repository is served by the real tri
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from wff.training.dataset import load_records
 from wff.training.synth import synthesize_dataset
 from wff.training.train import run_training
 
+METRICS_PERIOD_S = 2.5  # just over Triton's default metrics interval (2000 ms)
+METRICS_REFRESH_S = 10.0  # longest wait for the metrics endpoint to show a finished request
 P_ATOL = 1e-3  # served vs in-process |P(malignant)|; batching may reorder float sums
 TINY_TRAINED = SMALL.replace(
     image={"size": 128},
@@ -48,6 +51,17 @@ def served(trained, tmp_path_factory):
         yield server
 
 
+def settled_counts(url: str) -> dict:
+    """Metrics once two reads a refresh period apart agree (earlier requests all counted)."""
+    previous = per_model(fetch_metrics(url))
+    while True:
+        time.sleep(METRICS_PERIOD_S)
+        current = per_model(fetch_metrics(url))
+        if current == previous:
+            return current
+        previous = current
+
+
 class TestServedParity:
     def test_every_test_patient_matches_in_process(self, trained, served):
         """Same label and |dP| <= P_ATOL for every test patient; same votes and components."""
@@ -71,9 +85,18 @@ class TestServedParity:
         """After a diagnosis, Triton's metrics count a request for each step and the ensemble."""
         data, _ = trained
         record = load_records(data, "test")[0]
-        before = per_model(fetch_metrics(served.metrics_url))
+        before = settled_counts(served.metrics_url)
         with DiagnosisClient(served.grpc_url) as client:
             client.diagnose(read_patient_files(record.path), age=None)
+        models = ("wff_diagnosis", "preprocess", "detector", "crop", "classifier", "fusion")
+
+        def counted(after):
+            return all(after.get(m, {}).get("success", 0) >= before.get(m, {}).get("success", 0) + 1 for m in models)
+
+        deadline = time.monotonic() + METRICS_REFRESH_S  # Triton refreshes its counters periodically
         after = per_model(fetch_metrics(served.metrics_url))
-        for model in ("wff_diagnosis", "preprocess", "detector", "crop", "classifier", "fusion"):
+        while not counted(after) and time.monotonic() < deadline:
+            time.sleep(0.25)
+            after = per_model(fetch_metrics(served.metrics_url))
+        for model in models:
             assert after[model]["success"] >= before.get(model, {}).get("success", 0) + 1, model
