@@ -1,4 +1,4 @@
-"""``wff diagnose`` and ``wff evaluate``: thin click commands over grpc_client.py and evaluate.py."""
+"""``wff diagnose`` and ``wff evaluate``: thin click commands over grpc_client.py, evaluate.py, report.py and overlay.py."""
 
 from __future__ import annotations
 
@@ -36,6 +36,24 @@ def format_diagnosis(dx) -> str:
     return "\n".join(lines)
 
 
+def _overlay_image_config(profile_json: Path | None, url: str, ssl: bool, root_certificates: str | None, timeout_s: float):
+    """The detector input configuration to decode overlays with: the given profile.json's, else the server's size."""
+    from wff.client.overlay import served_image_config
+    from wff.config import load_profile
+
+    if profile_json is None:
+        return served_image_config(url, ssl, root_certificates, timeout_s)
+    try:
+        return load_profile(profile_json).image
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--profile") from e
+
+
+overlay_profile_option = click.option(
+    "--profile", "profile_json", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="profile.json of the served model, for --overlay (default: the served detector's input size and the built-in intensity window).")
+
+
 def _write_json(data: dict, target: str) -> None:
     text = json.dumps(data, indent=2) + "\n"
     if target == "-":
@@ -52,7 +70,11 @@ def _write_json(data: dict, target: str) -> None:
 @certs_option
 @timeout_option
 @click.option("--json", "json_out", metavar="FILE|-", help="Write the diagnosis as JSON to FILE, or stdout with -.")
-def diagnose(patient_dir: Path, age: float | None, url: str, ssl: bool, root_certificates: str | None, timeout_s: float, json_out: str | None) -> None:
+@click.option("--overlay", "overlay_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write one PNG per series to this folder: the detected boxes, class and probability on the detector input (Fig. 4).")
+@overlay_profile_option
+def diagnose(patient_dir: Path, age: float | None, url: str, ssl: bool, root_certificates: str | None, timeout_s: float,
+             json_out: str | None, overlay_dir: Path | None, profile_json: Path | None) -> None:
     """Send one patient's DICOM files (PATIENT_DIR, .json/.csv skipped) and print the diagnosis."""
     from wff.client.grpc_client import DiagnosisClient, DiagnosisError, read_patient_files
 
@@ -60,12 +82,22 @@ def diagnose(patient_dir: Path, age: float | None, url: str, ssl: bool, root_cer
         files = read_patient_files(patient_dir)
         with DiagnosisClient(url, ssl, root_certificates, timeout_s) as client:
             dx = client.diagnose(files, age)
+            settings = client.fusion_settings() if overlay_dir else None
+        image_cfg = _overlay_image_config(profile_json, url, ssl, root_certificates, timeout_s) if overlay_dir else None
     except FileNotFoundError as e:
         raise click.BadParameter(str(e), param_hint="PATIENT_DIR") from e
-    except DiagnosisError as e:
+    except (DiagnosisError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     if json_out:
         _write_json(dx.to_dict(), json_out)
+    if overlay_dir:
+        from wff.client.overlay import write_overlays
+
+        try:
+            paths = write_overlays(files, dx, image_cfg, overlay_dir, patient_dir.resolve().name, settings.det_threshold)
+        except ValueError as e:
+            raise click.ClickException(f"overlays not written: {e}") from e
+        click.echo(f"{len(paths)} overlay PNGs written to {overlay_dir}", err=True)
     if json_out != "-":
         click.echo(format_diagnosis(dx))
 
@@ -80,10 +112,18 @@ def diagnose(patient_dir: Path, age: float | None, url: str, ssl: bool, root_cer
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(min=1), help="Requests in flight.")
 @click.option("--json", "json_out", metavar="FILE|-", help="Write metrics as JSON to FILE, or stdout with -.")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False, path_type=Path), help="Write one row per patient to this CSV.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the report to this folder: table3, per_location (Fig. 6), sequences (Fig. 7) as JSON/CSV/PNG, roc.png, patients.csv.")
+@click.option("--overlay", "overlay_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write Fig. 4-style overlay PNGs of the misclassified patients (served strategy) to this folder.")
+@overlay_profile_option
 def evaluate(dataset: Path, split: str, url: str, ssl: bool, root_certificates: str | None, timeout_s: float,
-             concurrency: int, json_out: str | None, csv_out: Path | None) -> None:
-    """Diagnose every patient of a split over gRPC; print Table 3 (ACC, AUC, SE, SP) for the six strategies."""
+             concurrency: int, json_out: str | None, csv_out: Path | None, report_dir: Path | None, overlay_dir: Path | None,
+             profile_json: Path | None) -> None:
+    """Diagnose every patient of a split over gRPC; print Table 3 (ACC, AUC, SE, SP) for the six strategies,
+    the errors per vertebral location (Fig. 6) and the ACC per MRI sequence (Fig. 7)."""
     from wff.client import evaluate as ev
+    from wff.client import report as rp
     from wff.client.grpc_client import DiagnosisError
     from wff.ensemble.metrics import format_table
 
@@ -104,13 +144,47 @@ def evaluate(dataset: Path, split: str, url: str, ssl: bool, root_certificates: 
             click.echo(f"{r.patient_id}: {r.error}", err=True)
     if csv_out:
         report.write_csv(csv_out)
+    data = report.to_dict()
     if json_out:
-        _write_json(report.to_dict(), json_out)
+        _write_json(data, json_out)
+    if report_dir:
+        files = rp.write_report(report, report_dir)
+        click.echo(f"report: {len(files)} files written to {report_dir}", err=True)
+    if overlay_dir and report.errors < len(report.results):
+        _write_misclassified_overlays(report, records, overlay_dir, profile_json, url, ssl, root_certificates, timeout_s)
     if json_out != "-":
         done = len(report.results) - report.errors
         click.echo(f"{done} of {len(report.results)} patients diagnosed ({report.errors} errors), "
                    f"{report.seconds_per_patient:.2f} s per patient (wall time / patients, concurrency {concurrency})")
         click.echo(format_table(report.table) if report.table else "no diagnoses: no metrics")
         click.echo(f"served strategy: {report.settings.served_strategy}")
+        if report.table:
+            click.echo("")
+            click.echo(rp.format_per_location(data["per_location"]))
+            click.echo("")
+            click.echo(rp.format_sequences(data["sequences"]))
     if report.errors == len(report.results):
         raise click.ClickException("every request failed")
+
+
+def _write_misclassified_overlays(report, records, overlay_dir: Path, profile_json: Path | None, url: str, ssl: bool,
+                                  root_certificates: str | None, timeout_s: float) -> None:
+    """Overlays of every patient whose served diagnosis is wrong, named after its dataset folder."""
+    from wff.client.grpc_client import DiagnosisError, read_patient_files
+    from wff.client.overlay import write_overlays
+    from wff.config import LABELS
+
+    try:
+        image_cfg = _overlay_image_config(profile_json, url, ssl, root_certificates, timeout_s)
+    except (DiagnosisError, ValueError) as e:
+        raise click.ClickException(f"overlays not written: {e}") from e
+    folders = {r.patient_id: r.path for r in records}
+    wrong = [r for r in report.results if r.diagnosis is not None and r.diagnosis.label != LABELS[r.label]]
+    written = 0
+    for r in wrong:
+        try:
+            written += len(write_overlays(read_patient_files(folders[r.patient_id]), r.diagnosis, image_cfg, overlay_dir,
+                                          r.patient_id, report.settings.det_threshold))
+        except (FileNotFoundError, ValueError) as e:
+            click.echo(f"{r.patient_id}: overlay not written: {e}", err=True)
+    click.echo(f"overlays: {written} PNGs of {len(wrong)} misclassified patients written to {overlay_dir}", err=True)

@@ -3,7 +3,9 @@
 Every patient is sent once, with up to ``concurrency`` requests in flight. The server returns
 the fusion components (D per slice, M per series, A), so every strategy's decision is
 recomputed here with ``wff.ensemble.fusion`` and the weights from the fusion model's config
-parameters: no second inference. Malignant is the positive class.
+parameters: no second inference. Malignant is the positive class. Beyond Table 3 the
+evaluation gives the error per vertebral location (Fig. 6), the metrics per sequence subset
+(Fig. 7) and the ROC curves (wff.ensemble.report_metrics); wff.client.report writes them.
 
 Dataset layout: ``DATASET/labels.csv`` (patient_id,label,age,location,split) and one folder
 ``DATASET/<patient_id>/`` of DICOM files per patient.
@@ -22,13 +24,19 @@ from pathlib import Path
 from wff.client.grpc_client import DEFAULT_TIMEOUT_S, AsyncDiagnosisClient, DiagnosisError, read_patient_files
 from wff.config import LABELS
 from wff.ensemble.diagnosis import Diagnosis
-from wff.ensemble.fusion import FusionSettings
+from wff.ensemble.fusion import Components, FusionSettings
 from wff.ensemble.metrics import strategy_table
+from wff.ensemble.report_metrics import location_table, sequence_table
 from wff.ensemble.types import PatientRecord
 from wff.training.dataset import load_records
 
 METRICS = ("acc", "auc", "se", "sp")
 CSV_FIELDS = ("patient_id", "label", "predicted_label", "p_malignant", "n_series", "seconds", "error")
+
+
+def json_number(v: float | None) -> float | None:
+    """JSON value of a metric: None for NaN (undefined), else rounded to 6 decimals."""
+    return None if v is None or math.isnan(v) else round(float(v), 6)
 
 
 @dataclass
@@ -38,6 +46,12 @@ class PatientResult:
     seconds: float  # request time, file reading included
     diagnosis: Diagnosis | None = None
     error: str | None = None  # why no diagnosis came back
+    location: str = ""  # vertebral location from labels.csv (one of config.LOCATIONS)
+
+    @property
+    def series_sequences(self) -> list[str]:
+        """The sequence of each served series (SERIES_INFO), e.g. ["T1", "T2", "STIR"]."""
+        return [info.get("sequence", "") for info in self.diagnosis.series_info] if self.diagnosis else []
 
     def csv_row(self) -> dict:
         dx = self.diagnosis
@@ -67,15 +81,40 @@ class Evaluation:
     def seconds_per_patient(self) -> float:
         return self.wall_s / len(self.results) if self.results else math.nan
 
-    def to_dict(self) -> dict:
-        def num(v: float):
-            return None if v is None or math.isnan(v) else round(float(v), 6)
+    @property
+    def diagnosed(self) -> list[PatientResult]:
+        """The patients that got a diagnosis: every metric is computed over these."""
+        return [r for r in self.results if r.diagnosis is not None]
 
+    def components(self) -> list[Components]:
+        return [r.diagnosis.components() for r in self.diagnosed]
+
+    def per_location(self) -> dict[str, dict[str, dict]]:
+        """Fig. 6: {strategy: {location: patients, wrong, error_rate}} over the diagnosed patients."""
+        done = self.diagnosed
+        return location_table(self.components(), [r.label for r in done], [r.location for r in done], self.settings)
+
+    def sequences(self) -> dict[str, dict]:
+        """Fig. 7: {subset: sequences, patients, left_out, strategies} (wff.ensemble.report_metrics.sequence_table)."""
+        done = self.diagnosed
+        return sequence_table(self.components(), [r.series_sequences for r in done], [r.label for r in done], self.settings)
+
+    def to_dict(self) -> dict:
+        """Table 3, timing and counts, plus "per_location" (Fig. 6) and "sequences" (Fig. 7), JSON-ready."""
         return {
-            "strategies": {name: {k: num(m[k]) for k in METRICS} for name, m in self.table.items()},
-            "seconds_per_patient": num(self.seconds_per_patient),
+            "strategies": {name: {k: json_number(m[k]) for k in METRICS} for name, m in self.table.items()},
+            "seconds_per_patient": json_number(self.seconds_per_patient),
             "patients": len(self.results),
             "errors": self.errors,
+            "served_strategy": self.settings.served_strategy,
+            "per_location": {
+                name: {loc: {**row, "error_rate": json_number(row["error_rate"])} for loc, row in rows.items()}
+                for name, rows in self.per_location().items()
+            },
+            "sequences": {
+                name: {**entry, "strategies": {s: {k: json_number(m[k]) for k in METRICS} for s, m in entry["strategies"].items()}}
+                for name, entry in self.sequences().items()
+            },
         }
 
     def write_csv(self, path: str | Path) -> None:
@@ -102,9 +141,10 @@ async def diagnose_records(
             try:
                 files = await asyncio.to_thread(read_patient_files, record.path)
                 age = None if math.isnan(record.age) else record.age
-                result = PatientResult(record.patient_id, record.label, 0.0, diagnosis=await client.diagnose(files, age))
+                diagnosis = await client.diagnose(files, age)
+                result = PatientResult(record.patient_id, record.label, 0.0, diagnosis=diagnosis, location=record.location)
             except (DiagnosisError, FileNotFoundError, ValueError) as e:
-                result = PatientResult(record.patient_id, record.label, 0.0, error=str(e))
+                result = PatientResult(record.patient_id, record.label, 0.0, error=str(e), location=record.location)
             result.seconds = time.perf_counter() - started
         if on_done:
             on_done(result)

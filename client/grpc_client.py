@@ -33,6 +33,7 @@ FUSION_MODEL = contracts_for(SMALL).fusion.name
 SKIPPED_SUFFIXES = (".json", ".csv")  # annotations and labels in a dataset folder, never sent
 DEFAULT_TIMEOUT_S = 120.0
 _FILE_REF = re.compile(re.escape(FILES_INPUT) + r"\[(\d+)\]")
+_DEAD_STUB = re.compile(r"Stub process '([^']+)' is not healthy")  # Triton's python backend, 2.51
 
 
 class DiagnosisError(RuntimeError):
@@ -49,6 +50,10 @@ class RejectedInput(DiagnosisError):
 
 class ServerUnavailable(DiagnosisError):
     """No server answered at the URL (refused, unreachable, or the deadline passed)."""
+
+
+class BackendDown(DiagnosisError):
+    """A backend process of the server died while the request needed it; retrying later may succeed."""
 
 
 def read_patient_files(patient_dir: str | Path) -> list[tuple[str, bytes]]:
@@ -96,6 +101,13 @@ def translate_error(e: InferenceServerException, files: Sequence[tuple[str, byte
         return ServerUnavailable(f"no server answered: {message}", status)
     if status == "DEADLINE_EXCEEDED":
         return ServerUnavailable(f"no answer within {timeout_s} s (raise --timeout for big studies)", status)
+    dead = _DEAD_STUB.search(message)
+    if dead:
+        return BackendDown(
+            f"server error ({status}): the backend process {dead.group(1)!r} of the server has died; no diagnosis was made. "
+            "wff serve reloads the model within seconds: send the request again (if it keeps failing, restart the server)",
+            status,
+        )
     return DiagnosisError(f"server error ({status or 'unknown status'}): {message}", status)
 
 

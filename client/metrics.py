@@ -3,6 +3,12 @@
 Only the text exposition format Triton writes is handled: ``name{label="v",...} value``
 lines and ``#`` comments. Times in Triton's counters are cumulative microseconds; the
 summary divides them by the request (or execution) counts.
+
+Two habits of Triton 2.51 to read them by: a Python-backend step that answers a request with
+an error still counts it as a success (the step ran), and a failed ensemble request counts
+twice in ``nv_inference_request_failure{reason="OTHER"}``. Rejected inputs by reason are
+therefore counted by the steps themselves, in ``wff_rejected_inputs_total`` (see
+wff.serving.custom_metrics).
 """
 
 from __future__ import annotations
@@ -94,6 +100,7 @@ def summarise(counters: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str
         execs = max(c.get("executions", 0.0), 1.0)
         rows[model] = {
             "requests": requests,
+            "success": c.get("success", 0.0),
             "failures": c.get("failure", 0.0),
             "mean_batch": c.get("inferences", 0.0) / execs,
             "request_ms": c.get("request_us", 0.0) / per_req / 1000,
@@ -118,20 +125,32 @@ def custom_counters(samples: Iterable[Sample], prefix: str = "wff_") -> dict[str
     out = {}
     for s in samples:
         if s.name.startswith(prefix):
-            labels = ",".join(f"{k}={v}" for k, v in s.labels if k not in ("model", "version"))
+            labels = ",".join(f"{k}={v}" for k, v in s.labels if k != "version")
             out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return out
 
 
 def format_summary(rows: Mapping[str, Mapping[str, float]]) -> str:
-    head = f"{'model':<16}{'requests':>9}{'failed':>8}{'batch':>7}{'queue ms':>10}{'infer ms':>10}{'total ms':>10}"
+    """One line per model: requests, failures, mean batch, then mean ms per request in the queue,
+    in compute (input, infer, output) and in all."""
+    head = f"{'model':<16}{'requests':>9}{'failed':>8}{'batch':>7}{'queue ms':>10}{'input ms':>10}{'infer ms':>10}{'output ms':>10}{'total ms':>10}"
     lines = [head]
     for model, r in rows.items():
         lines.append(
-            f"{model:<16}{r['requests']:>9.0f}{r['failures']:>8.0f}{r['mean_batch']:>7.1f}"
-            f"{r['queue_ms']:>10.2f}{r['compute_infer_ms']:>10.2f}{r['request_ms']:>10.2f}"
+            f"{model:<16}{r['requests']:>9.0f}{r['failures']:>8.0f}{r['mean_batch']:>7.1f}{r['queue_ms']:>10.2f}"
+            f"{r['compute_input_ms']:>10.2f}{r['compute_infer_ms']:>10.2f}{r['compute_output_ms']:>10.2f}{r['request_ms']:>10.2f}"
         )
         for k, v in r.items():
-            if k.startswith("failure["):
+            if k.startswith("failure[") and v:
                 lines.append(f"{'':<16}  {k}: {v:.0f}")
     return "\n".join(lines)
+
+
+def format_gauges(gauges: Mapping[str, float]) -> list[str]:
+    """Triton's CPU and memory gauges (the whole machine's, not the server's alone) as lines."""
+    lines = []
+    if "cpu_utilization" in gauges:
+        lines.append(f"CPU utilisation (machine): {100 * gauges['cpu_utilization']:.0f} %")
+    if "cpu_memory_used_bytes" in gauges and "cpu_memory_total_bytes" in gauges:
+        lines.append(f"memory used (machine): {gauges['cpu_memory_used_bytes'] / 2**30:.1f} of {gauges['cpu_memory_total_bytes'] / 2**30:.1f} GiB")
+    return lines

@@ -5,6 +5,12 @@ Each group's rate is smoothed towards the overall training rate with ``alpha`` p
 so a group with few patients does not jump to 0 or 1::
 
     A(g) = (malignant_g + alpha * overall) / (patients_g + alpha)
+
+With ``balanced`` (the default) the training set's class mix is divided out by Bayes' rule:
+odds(A_bal(g)) = odds(A(g)) / odds(overall), i.e. P(malignant | age group) for equal class
+priors. The paper's training set is 60 % malignant but its test set 36 %; every WFF term is
+kept on the same equal-prior footing (the networks are trained class-balanced), so the
+"larger probability" decision of Eq. 1 does not inherit the training set's class mix.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ def check_age(age: float, max_age: float) -> float:
 @dataclass(frozen=True)
 class AgePrior:
     edges: tuple[float, ...]  # group lower bounds, ascending, first 0
-    p_malignant: tuple[float, ...]  # smoothed P(malignant) per group
+    p_malignant: tuple[float, ...]  # smoothed P(malignant) per group (equal-prior when fitted balanced)
     patients: tuple[int, ...]  # training patients per group
     malignant: tuple[int, ...]  # of which malignant
     alpha: float
@@ -55,6 +61,9 @@ class AgePrior:
         malignant = np.bincount(group, weights=labels, minlength=len(edges)).astype(np.int64)
         overall = float(labels.mean())
         p = (malignant + cfg.alpha * overall) / (patients + cfg.alpha)
+        if cfg.balanced and 0 < overall < 1:
+            odds = p / (1 - p) * (1 - overall) / overall
+            p = odds / (1 + odds)
         return cls(
             tuple(float(e) for e in edges),
             tuple(float(v) for v in p),

@@ -14,9 +14,13 @@ Rules, as a reading workstation applies them:
   distortion-corrected originals that way (e.g. Siemens ``DIS2D``);
 * a series is kept when it is sagittal: the normal of ImageOrientationPatient (row x column
   cosines) is within ``SAGITTAL_MAX_ANGLE_DEG`` of the patient's left-right (x) axis;
+* series that are not T1/T2/STIR images are skipped by ``DESCRIPTION_SKIP_RULES`` and
+  ``IMAGE_TYPE_SKIP_RULES``: post-contrast, diffusion, T2* gradient echo, Dixon fat-only and
+  in/opposed-phase images;
 * the sequence comes from SeriesDescription (ProtocolName when empty) by the regex rules in
-  ``SEQUENCE_RULES`` (MONAI series-selector style), else from TR/TE/TI by ``TIMING_RULES``;
-  an unrecognised series is skipped;
+  ``SEQUENCE_RULES`` (MONAI series-selector style; Siemens, GE, Philips, Canon and Hitachi
+  naming), else from TR/TE/TI by ``TIMING_RULES``; an unrecognised series is skipped. Each
+  selected series records which rule decided (``Series.sequence_source``);
 * slices are ordered by ImagePositionPatient projected on the normal, never by file order or
   InstanceNumber;
 * pixels go through pydicom's :func:`~pydicom.pixels.apply_modality_lut`; MONOCHROME1 is
@@ -34,13 +38,16 @@ import io
 import logging
 import math
 import re
+import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -57,7 +64,7 @@ MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR: an index, not an i
 
 # Word edges for description patterns: "_" separates words too (Siemens: t2_tse_fs_sag), so \b won't do.
 _B, _E = r"(?<![a-z0-9])", r"(?![a-z0-9])"
-_FAT_SAT = rf"({_B}fs{_E}|fat[\s_-]*(sat|supp)|spair|{_B}spir{_E}|dixon)"
+_FAT_SAT = rf"({_B}fs{_E}|fat[\s_-]*(sat|supp)|spair|{_B}spir{_E}|dixon|{_B}ideal{_E})"
 # Sequence rules, first match wins: each key other than "sequence" is a tag keyword and a regex
 # searched in its text (SeriesDescription falls back on ProtocolName when empty). The STIR rules
 # come first because fat-suppressed T2 descriptions also contain "T2"; the paper counts FS-T2WI
@@ -71,6 +78,7 @@ SEQUENCE_RULES: tuple[dict[str, str], ...] = (
 # When no description rule matches: [low, high) ranges in ms of the acquisition timing.
 TIMING_RULES: tuple[dict, ...] = (
     {"sequence": "STIR", "InversionTime": (100.0, 250.0)},  # short-tau inversion nulls fat at 1.5-3 T
+    {"sequence": "T1", "InversionTime": (600.0, 1200.0), "EchoTime": (1.0, 30.0)},  # T1 FLAIR (GE, Siemens)
     {"sequence": "T1", "RepetitionTime": (1.0, 1000.0), "EchoTime": (1.0, 30.0)},
     {"sequence": "T2", "RepetitionTime": (1500.0, math.inf), "EchoTime": (60.0, math.inf)},
 )
@@ -79,7 +87,21 @@ DESCRIPTION_SKIP_RULES: tuple[dict[str, str], ...] = (
     {"reason": "localizer/scout", "SeriesDescription": rf"(?i){_B}(loc|locali[sz]er|scout|survey|3[\s_-]?pl(ane)?){_E}"},
     {"reason": "post-contrast series (the model reads T1, T2 and STIR without contrast)",
      "SeriesDescription": rf"(?i)\+\s*c{_E}|{_B}(post|gd|ce){_E}|gado|contrast"},
+    {"reason": "diffusion-weighted series (DWI/ADC)",
+     "SeriesDescription": rf"(?i){_B}(dwi|adc|diff(usion)?|trace[wd]?|ep2d[\s_-]*diff|resolve){_E}"},
+    {"reason": "T2* gradient-echo series (not a T2 spin echo)",
+     "SeriesDescription": rf"(?i)t2\s*\*|{_B}(t2[\s_-]*star|medic|merge|swi|hemo){_E}"},
+    {"reason": "Dixon fat, in-phase or opposed-phase image (only the water image is read, as STIR)",
+     "SeriesDescription": rf"(?i)dixon.*{_B}(f|fat|in|ip|opp|op){_E}"},
 )
+# Series skipped by a value of ImageType (0008,0008), e.g. Siemens Dixon DERIVED\PRIMARY\DIXON\FAT.
+IMAGE_TYPE_SKIP_RULES: tuple[dict, ...] = (
+    {"reason": "Dixon fat, in-phase or opposed-phase image (only the water image is read, as STIR)",
+     "ImageType": {"FAT", "IN_PHASE", "OPP_PHASE", "OUT_PHASE"}},
+    {"reason": "diffusion-weighted series (DWI/ADC)", "ImageType": {"DIFFUSION", "ADC", "TRACEW"}},
+)
+# ImageType values of a fat-suppressed water image: read as STIR when the description is silent.
+WATER_IMAGE_TYPES = {"WATER"}
 REFORMAT_IMAGE_TYPES = {"MPR", "MIP", "PROJECTION IMAGE", "SUBTRACTION", "REFORMATTED"}
 # Enhanced (multi-frame) MR keeps these attributes in functional-group sequences.
 FUNCTIONAL_GROUPS = {
@@ -154,12 +176,24 @@ def _description(ds: Dataset) -> str:
     return str(ds.get("SeriesDescription", "") or ds.get("ProtocolName", "") or "").strip()
 
 
-def sequence_of(ds: Dataset) -> str | None:
-    """"T1" / "T2" / "STIR" from the description rules, else the timing rules; None when unknown."""
-    text = {"SeriesDescription": _description(ds)}
+def _image_types(ds: Dataset) -> list[str]:
+    value = ds.get("ImageType", [])
+    return [str(v).strip().upper() for v in ([value] if isinstance(value, str) else value)]
+
+
+def classify_sequence(ds: Dataset) -> tuple[str | None, str]:
+    """(sequence, why): "T1" / "T2" / "STIR" and the rule that decided, or (None, "") when unknown.
+
+    The description rules come first, then a Dixon water ImageType, then the timing rules;
+    ``why`` quotes the description or the timing, e.g. ``SeriesDescription 't2_tirm_sag'``.
+    """
+    description = _description(ds)
+    text = {"SeriesDescription": description}
     for rule in SEQUENCE_RULES:
         if all(re.search(pattern, text.get(key, str(ds.get(key, "")))) for key, pattern in rule.items() if key != "sequence"):
-            return rule["sequence"]
+            return rule["sequence"], f"SeriesDescription {description!r}"
+    if WATER_IMAGE_TYPES & set(_image_types(ds)):
+        return "STIR", "ImageType WATER (Dixon fat-suppressed image)"
     timing = {
         "RepetitionTime": _float(attribute(ds, "RepetitionTime")),
         "EchoTime": _float(attribute(ds, "EchoTime")) or _float(attribute(ds, "EffectiveEchoTime")),
@@ -168,8 +202,14 @@ def sequence_of(ds: Dataset) -> str | None:
     for rule in TIMING_RULES:
         tests = [(timing[key], bounds) for key, bounds in rule.items() if key != "sequence"]
         if all(value is not None and bounds[0] <= value < bounds[1] for value, bounds in tests):
-            return rule["sequence"]
-    return None
+            known = ", ".join(f"{key} {value:g} ms" for key, value in timing.items() if value is not None)
+            return rule["sequence"], f"timing ({known})"
+    return None, ""
+
+
+def sequence_of(ds: Dataset) -> str | None:
+    """"T1" / "T2" / "STIR" by :func:`classify_sequence`; None when unknown."""
+    return classify_sequence(ds)[0]
 
 
 def slice_normal(ds: Dataset, frame: int = 0) -> np.ndarray | None:
@@ -245,7 +285,10 @@ def _frame_rescale(ds: Dataset, frame: int) -> Dataset:
 
 
 def _image_type_reason(ds: Dataset) -> str | None:
-    values = [str(v).upper() for v in ds.get("ImageType", [])]
+    values = _image_types(ds)
+    for rule in IMAGE_TYPE_SKIP_RULES:
+        if rule["ImageType"] & set(values):
+            return rule["reason"]
     if "LOCALIZER" in values:
         return "localizer/scout (ImageType LOCALIZER)"
     if len(values) > 1 and values[1] == "SECONDARY":
@@ -257,6 +300,14 @@ def _image_type_reason(ds: Dataset) -> str | None:
 
 
 def _skip_reason(members: list[_Instance]) -> str | None:
+    """Why a series is not used, or None; a header value that cannot be read is a reason too."""
+    try:
+        return _rule_skip_reason(members)
+    except (ValueError, TypeError, KeyError) as e:  # malformed DS/IS values and the like
+        return f"unreadable header value in {members[0].name} ({type(e).__name__})"
+
+
+def _rule_skip_reason(members: list[_Instance]) -> str | None:
     first = members[0].ds
     reason = _image_type_reason(first)
     if reason:
@@ -275,7 +326,7 @@ def _skip_reason(members: list[_Instance]) -> str | None:
             other = slice_normal(member.ds, frame)
             if other is None or abs(float(np.dot(normal, other))) < SAME_ORIENTATION_COS:
                 return "slices with different orientations in one series"
-    if sequence_of(first) is None:
+    if classify_sequence(first)[0] is None:
         return "sequence type (T1/T2/STIR) not recognised from SeriesDescription or TR/TE/TI"
     return None
 
@@ -308,13 +359,21 @@ def _check_selected(selected: list[list[_Instance]], limits: ServingConfig) -> N
 
 
 def _skip_record(members: list, reason: str) -> dict:
-    """What the response reports about a skipped series (no identifiers)."""
+    """What the response reports about a skipped series (no identifiers): its first file by name."""
     first = members[0].ds
-    return {"series_number": _int(first.get("SeriesNumber")), "description": _description(first), "reason": reason}
+    return {"series_number": _int(first.get("SeriesNumber")), "description": _description(first), "reason": reason,
+            "files": len(members), "first_file": members[0].name}
+
+
+def _by_series_number(records: list[dict]) -> list[dict]:
+    return sorted(records, key=lambda s: (s["series_number"] if s["series_number"] is not None else math.inf, s["description"]))
 
 
 def _nothing_usable(skipped: list[dict], advice: str = "") -> InputError:
-    why = "; ".join(f"series {s['series_number']} {s['description']!r}: {s['reason']}" for s in skipped)
+    why = "; ".join(
+        f"series {s['series_number']} {s['description']!r} ({s['files']} file{'s' * (s['files'] != 1)} from {s['first_file']}): {s['reason']}"
+        for s in _by_series_number(skipped)
+    )
     return InputError(f"no usable sagittal T1/T2/STIR series ({why}){advice}")
 
 
@@ -328,8 +387,33 @@ def read_study(files: Sequence[tuple[str, bytes]], limits: ServingConfig | None 
     """
     limits = limits or ServingConfig()
     _check_request(files, limits)
+    with _values_not_echoed():
+        return _read_study(files, limits)
+
+
+@contextmanager
+def _values_not_echoed() -> Iterator[None]:
+    """pydicom quiet about invalid element values while a request is read.
+
+    pydicom warns, and logs, the offending value ("Invalid value for VR DS: '<value>'") when it
+    converts a malformed element on access. The reader only reads technical tags, but it must
+    never echo tag contents into the server log; the malformed values that matter are reported
+    as InputError or skip reasons, naming the file only.
+    """
+    mode = pydicom_config.settings.reading_validation_mode
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+            yield
+    finally:
+        pydicom_config.settings.reading_validation_mode = mode
+
+
+def _read_study(files: Sequence[tuple[str, bytes]], limits: ServingConfig) -> Study:
     groups: dict[str, list[_Instance]] = defaultdict(list)
-    patient_ids, seen_sops = set(), set()
+    seen_sops: set[str] = set()
+    first_patient: tuple[str, str] | None = None  # (file name, PatientID) of the first image
     for name, data in files:
         ds = _parse(name, data)
         if _is_dicomdir(ds):
@@ -340,11 +424,16 @@ def read_study(files: Sequence[tuple[str, bytes]], limits: ServingConfig | None 
             log.debug("%s: duplicate SOP instance ignored", name)
             continue
         seen_sops.add(sop)
-        patient_ids.add(str(ds.get("PatientID", "")))
+        patient_id = str(ds.get("PatientID", ""))
+        if first_patient is None:
+            first_patient = (name, patient_id)
+        elif patient_id != first_patient[1]:
+            raise InputError(
+                f"{name}: different PatientID from {first_patient[0]}; the files belong to more than one patient: "
+                "send one patient per request"
+            )
         key = str(ds.get("SeriesInstanceUID", "")) or f"number:{ds.get('SeriesNumber', '')}:{_description(ds)}"
         groups[key].append(_Instance(name, ds, int(ds.get("NumberOfFrames", 1) or 1)))
-    if len(patient_ids) > 1:
-        raise InputError(f"the files carry {len(patient_ids)} different PatientID values; send one patient per request")
     if not groups:
         raise InputError("no image files in the request (only a DICOMDIR); send the image files themselves")
 
@@ -370,7 +459,7 @@ def read_study(files: Sequence[tuple[str, bytes]], limits: ServingConfig | None 
         raise _nothing_usable(skipped)
     selected.sort(key=lambda s: (s.series_number if s.series_number is not None else math.inf, s.description))
     log.debug("study: %d series kept, %d skipped", len(selected), len(skipped))
-    return Study(tuple(selected), tuple(skipped), _patient_age([m for members in candidates for m in members]))
+    return Study(tuple(selected), tuple(_by_series_number(skipped)), _patient_age([m for members in candidates for m in members]))
 
 
 def _patient_age(members: list[_Instance]) -> float | None:
@@ -392,7 +481,12 @@ def _frame_positions(m: _Instance, normal: np.ndarray) -> list[float]:
         ipp = attribute(m.ds, "ImagePositionPatient", frame)
         if ipp is None or len(ipp) != 3:
             raise InputError(f"{m.name}: no ImagePositionPatient for frame {frame + 1}; slices cannot be ordered without it")
-        positions.append(float(np.dot(np.asarray(ipp, float), normal)))
+        try:
+            positions.append(float(np.dot(np.asarray(ipp, float), normal)))
+        except (ValueError, TypeError) as e:  # malformed DS values
+            raise InputError(
+                f"{m.name}: ImagePositionPatient of frame {frame + 1} is not three numbers; slices cannot be ordered without it"
+            ) from e
     return positions
 
 
@@ -412,14 +506,16 @@ def _series(members: list[_Instance]) -> tuple[Series | None, str]:
     if spacing is None or len(spacing) != 2:
         log.debug("series %s: no PixelSpacing, 1 mm assumed", first.get("SeriesNumber", "?"))
         spacing = (1.0, 1.0)
+    sequence, source = classify_sequence(first)
     series = Series(
-        sequence=sequence_of(first),
+        sequence=sequence,
         description=_description(first),
         series_number=_int(first.get("SeriesNumber")),
         pixels=np.stack([frame for _, _, frame in slices]),
         pixel_spacing=(float(spacing[0]), float(spacing[1])),
         positions=np.array([pos for pos, _, _ in slices], np.float64),
         files=tuple(name for _, name, _ in slices),
+        sequence_source=source,
     )
     return series, ""
 

@@ -58,6 +58,7 @@ def series_info(index: int, series: Series) -> dict:
     return {
         "index": index,
         "sequence": series.sequence,
+        "sequence_source": series.sequence_source,
         "description": series.description,
         "series_number": series.series_number,
         "n_slices": int(n),

@@ -28,6 +28,7 @@ class Series:
     pixel_spacing: tuple[float, float]  # (row, col) spacing in mm
     positions: np.ndarray  # (n,) float64, ImagePositionPatient projected on the normal, ascending
     files: tuple[str, ...]  # request/file name of each slice, same order as pixels
+    sequence_source: str = ""  # the rule that decided the sequence, e.g. "SeriesDescription 'T2 SAG'"
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Study:
     """Everything usable from one patient's DICOM files."""
 
     series: tuple[Series, ...]  # selected sagittal series, ordered by series number then description
-    skipped: tuple[dict, ...] = ()  # {"series_number", "description", "reason"} per skipped series
+    skipped: tuple[dict, ...] = ()  # {"series_number", "description", "reason", "files", "first_file"} per skipped series
     patient_age: float | None = None  # from (0010,1010) PatientAge, in years; None if absent
 
 
@@ -46,7 +47,7 @@ class PreparedPatient:
     slices: np.ndarray  # (S_total, 1, size, size) float32 in [0, 1], series after series
     slice_series: np.ndarray  # (S_total,) int32, index into series_info of each slice
     scales: tuple[float, ...]  # per series: detector pixels per source pixel (letterbox, top-left anchored)
-    series_info: tuple[dict, ...]  # per series: {"index", "sequence", "description", "series_number",
+    series_info: tuple[dict, ...]  # per series: {"index", "sequence", "sequence_source", "description", "series_number",
     #                                "n_slices", "rows", "cols", "pixel_spacing"}; no identifiers
 
 

@@ -174,3 +174,25 @@ def tiny_profile() -> Profile:
 def tiny_artifacts(tmp_path_factory) -> Path:
     """A training-output directory with the stand-in models for the tiny profile."""
     return write_artifacts(TINY, tmp_path_factory.mktemp("artifacts"))
+
+
+# Request limits of the shared "limited" server: small enough that a test can exceed each one
+# with a few small files, large enough for the dicom_patient fixture (15 slices of 48 x 48).
+LIMITED_SERVING = {"max_files": 40, "max_bytes": 2 * 1024 * 1024, "max_slices": 24, "max_pixels_per_slice": 96 * 96}
+
+
+@pytest.fixture(scope="session")
+def limited_artifacts(tmp_path_factory) -> Path:
+    """Stand-in artifacts of the tiny profile with the small request limits of LIMITED_SERVING."""
+    return write_artifacts(TINY.replace(serving=LIMITED_SERVING), tmp_path_factory.mktemp("limited-artifacts"))
+
+
+@pytest.fixture(scope="session")
+def limited_server(limited_artifacts, tmp_path_factory):
+    """One real tritonserver for the input-handling, decoding and log tests (its log file is read by them)."""
+    from wff.serving.repository import build_repository
+    from wff.serving.server import TritonServer
+
+    repo = build_repository(tmp_path_factory.mktemp("limited") / "repository", "embedded", limited_artifacts)
+    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, log_verbose=1) as server:
+        yield server

@@ -8,7 +8,8 @@ import pytest
 from wff.config import AgePriorConfig
 from wff.ensemble.age_prior import AgePrior
 
-CFG = AgePriorConfig(edges=(0, 40, 80), alpha=2.0, max_age=120)
+CFG = AgePriorConfig(edges=(0, 40, 80), alpha=2.0, max_age=120, balanced=False)
+BALANCED = AgePriorConfig(edges=(0, 40, 80), alpha=2.0, max_age=120, balanced=True)
 
 
 class TestAgePrior:
@@ -22,6 +23,22 @@ class TestAgePrior:
         assert prior(25) == pytest.approx((1 + 2 * overall) / (3 + 2))
         assert prior(65) == pytest.approx((2 + 2 * overall) / (3 + 2))
         assert prior(90) == pytest.approx((1 + 2 * overall) / (1 + 2))
+
+    def test_balanced_divides_out_the_class_mix(self):
+        """Balanced: odds(A) = odds(smoothed rate) / odds(overall), i.e. equal class priors."""
+        ages = np.array([10, 20, 30, 50, 60, 70, 85])
+        labels = np.array([0, 0, 1, 1, 1, 0, 1])
+        plain, balanced = AgePrior.fit(ages, labels, CFG), AgePrior.fit(ages, labels, BALANCED)
+        overall = 4 / 7
+        for age in (25, 65, 90):
+            odds = plain(age) / (1 - plain(age)) / (overall / (1 - overall))
+            assert balanced(age) == pytest.approx(odds / (1 + odds))
+        assert balanced(25) < plain(25) and balanced(65) < plain(65)  # majority (malignant) tilt removed
+
+    def test_balanced_prior_of_a_group_like_the_whole_set_is_one_half(self):
+        """A group with the overall class mix (or no patients) carries no evidence: A = 0.5."""
+        prior = AgePrior.fit(np.array([10, 12, 14, 50]), np.array([0, 1, 1, 1]), BALANCED)
+        assert prior(81) == pytest.approx(0.5)
 
     def test_empty_group_gets_overall_rate(self):
         """A group without training patients falls back on the overall malignancy rate."""

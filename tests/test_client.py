@@ -125,6 +125,19 @@ class TestEvaluation:
         assert rows[2]["error"] and rows[0]["predicted_label"] == "malignant" and rows[0]["n_series"] == "2"
 
 
+    def test_locations_and_sequences_reach_the_dict(self, tmp_path):
+        """labels.csv's location travels with each result: Fig. 6 and Fig. 7 are in the JSON dict."""
+        write_dataset(tmp_path, [(f"P{i}", "malignant" if i > 2 else "benign", str(i), loc, "test")
+                                 for i, loc in zip(range(1, 5), ("cervical", "cervical", "sacral", "lumbar"))])
+        results = asyncio.run(diagnose_records(FakeClient(), load_records(tmp_path), concurrency=2))
+        assert [r.location for r in results] == ["cervical", "cervical", "sacral", "lumbar"]
+        data = Evaluation(results, FusionSettings(), wall_s=1.0, table=score(results, FusionSettings())).to_dict()
+        assert data["per_location"]["Det-Seq"]["cervical"] == {"patients": 2, "wrong": 0, "error_rate": 0.0}
+        assert data["per_location"]["Det-Seq"]["sacral"]["patients"] == 0  # P3 was rejected
+        # the fake series carry no sequence: nobody has a T1 or T2 series, everybody is in "All"
+        assert [data["sequences"][s]["patients"] for s in ("T1", "T2", "All")] == [0, 0, 3]
+
+
 class TestCli:
     def test_diagnose_connection_refused_exits_non_zero(self, tmp_path):
         """No server at --url: exit code 1 and a message on stderr."""
@@ -146,12 +159,21 @@ class TestCli:
             (["diagnose", ".", "--age", "old"], "'old' is not a valid float"),
             (["diagnose", ".", "--timeout", "0"], "--timeout"),
             (["evaluate", ".", "--concurrency", "0"], "--concurrency"),
+            (["diagnose", ".", "--overlay", "x", "--profile", "/nonexistent/profile.json"], "--profile"),
+            (["evaluate", ".", "--report"], "--report"),
         ],
     )
     def test_argument_errors(self, args, message):
         """Bad arguments exit 2 with click's usage message."""
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2 and message in result.output
+
+    def test_diagnose_overlay_connection_refused_writes_nothing(self, tmp_path):
+        """--overlay with no server: exit 1, no overlay folder."""
+        (tmp_path / "IM1.dcm").write_bytes(b"x")
+        args = ["diagnose", str(tmp_path), "--url", f"127.0.0.1:{free_port()}", "--timeout", "5", "--overlay", str(tmp_path / "ov")]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and "no server answered" in result.output and not (tmp_path / "ov").exists()
 
     def test_evaluate_without_labels(self, tmp_path):
         """A folder without labels.csv is a usage error naming the file."""

@@ -35,3 +35,18 @@ class TestChooseWeights:
         assert l2 > l1 and l3 == 0
         assert settings.cv["out_of_fold"]["Det-Seq"]["acc"] == 1.0
         assert settings.strategies["Det"] == (1.0, 0.0, 0.0)
+
+    def test_balanced_accuracy_does_not_follow_the_majority(self):
+        """With 3 malignant : 1 benign, "always malignant" wins plain ACC; balanced ACC prefers the model that separates."""
+        # D says malignant for everyone (ACC 0.75); M separates 2 of 3 malignant and the benign (ACC 0.75, balanced 0.83)
+        comps = [patient(0.9, 0.9), patient(0.9, 0.8), patient(0.9, 0.2), patient(0.9, 0.1)]
+        labels = [1, 1, 1, 0]
+        balanced = choose_weights(comps, labels, FusionConfig(grid_step=0.1, cv_metric="balanced_acc"))
+        l1, l2, _ = balanced.strategies["Det-Seq"]
+        assert l2 > l1 and balanced.cv["metric"] == "balanced_acc"
+        out = balanced.cv["out_of_fold"]["Det-Seq"]
+        assert out["sp"] == 1.0 and out["se"] == pytest.approx(2 / 3)
+
+    def test_unknown_metric(self):
+        with pytest.raises(ValueError, match="cv_metric"):
+            choose_weights([patient(0.9, 0.9), patient(0.1, 0.1)], [1, 0], FusionConfig(cv_metric="f1"))

@@ -2,28 +2,24 @@
 
 import io
 import logging
+import warnings
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.pixels import apply_modality_lut
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from wff.config import ServingConfig
-from wff.ensemble.dicom_series import _parse, _pixels, parse_age, read_study, read_study_dir, sequence_of
+from wff.ensemble.dicom_series import _parse, _pixels, classify_sequence, parse_age, read_study, read_study_dir, sequence_of
 from wff.ensemble.types import InputError
 
 SAGITTAL = [0, 1, 0, 0, 0, -1]  # normal (-1, 0, 0): positions are -x
 OBLIQUE_SAGITTAL = [0, 0.966, 0.259, 0, 0, -1]  # 15 degrees off sagittal, still accepted
 AXIAL = [1, 0, 0, 0, 1, 0]
 CORONAL = [1, 0, 0, 0, 0, -1]
-# pydicom's bundled MR_small in every transfer syntax shipped with it; each must either decode
-# exactly as pydicom does or be refused with an InputError when no decoder is installed.
-BUNDLED_MR = ["MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_expb.dcm", "MR_small_padded.dcm",
-              "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"]
 
 
 def new_dataset(sop_class: str) -> Dataset:
@@ -94,30 +90,12 @@ def enhanced_mr_bytes(xs, values, slope=0.5, intercept=3.0) -> bytes:
     return buf.getvalue()
 
 
-def pydicom_decodes(path) -> bool:
-    try:
-        pydicom.dcmread(path).pixel_array
-        return True
-    except Exception:
-        return False
-
-
 class TestDecoding:
-    @pytest.mark.parametrize("name", BUNDLED_MR)
-    def test_bundled_mr_matches_pydicom_or_is_refused(self, name):
-        """Pixels equal pydicom's pixel_array through the modality LUT; without a decoder, an InputError."""
-        path = get_testdata_file(name)
-        data = open(path, "rb").read()
-        if pydicom_decodes(path):
-            ds = pydicom.dcmread(path)
-            np.testing.assert_allclose(_pixels(name, _parse(name, data))[0], apply_modality_lut(ds.pixel_array, ds).astype(np.float32))
-        else:
-            with pytest.raises(InputError, match=f"{name}: pixel data cannot be decoded"):
-                _pixels(name, _parse(name, data))
+    """Decoding of every transfer syntax is tested in test_decoding.py; here, pixel value handling."""
 
     def test_bundled_mr_as_a_study(self):
-        """MR_small parses but is a DERIVED\\SECONDARY axial image: no usable series, with the reason."""
-        with pytest.raises(InputError, match=r"no usable sagittal .*series 1 '': secondary capture or reformat"):
+        """MR_small parses but is a DERIVED\\SECONDARY axial image: no usable series, with the reason and the file."""
+        with pytest.raises(InputError, match=r"no usable sagittal .*series 1 '' \(1 file from MR_small.dcm\): secondary capture or reformat"):
             read_study([("MR_small.dcm", open(get_testdata_file("MR_small.dcm"), "rb").read())])
 
     def test_truncated_pixel_data(self):
@@ -193,6 +171,60 @@ class TestSelection:
         skipped = [s["reason"] for s in study.skipped]
         assert (skipped[0].startswith(reason) if reason else skipped == [])
 
+    @pytest.mark.parametrize("description,image_type,reason", [
+        ("ep2d_diff_sag", ("ORIGINAL", "PRIMARY"), "diffusion"),
+        ("SAG DWI b800", ("ORIGINAL", "PRIMARY"), "diffusion"),
+        ("sag T2 ADC", ("DERIVED", "PRIMARY"), "diffusion"),
+        ("t2_me2d_sag MEDIC", ("ORIGINAL", "PRIMARY"), "T2* gradient-echo"),
+        ("SAG T2*", ("ORIGINAL", "PRIMARY"), "T2* gradient-echo"),
+        ("t2_tse_dixon_sag_opp", ("DERIVED", "PRIMARY", "DIXON", "OPP_PHASE"), "Dixon"),
+        ("sT2W_mDIXON_TSE F", ("DERIVED", "PRIMARY"), "Dixon"),
+        ("t2_dixon_sag", ("DERIVED", "PRIMARY", "DIXON", "FAT"), "Dixon"),
+    ])
+    def test_non_t1_t2_stir_series_skipped(self, description, image_type, reason):
+        """Diffusion, T2* gradient echo and Dixon fat/in/opposed-phase series are skipped with their reason."""
+        study = read_study([("x", mr_bytes(series_uid="1", description=description, image_type=image_type)),
+                            ("t1", mr_bytes(series_uid="2", series_number=9, description="T1 SAG"))])
+        assert [s.sequence for s in study.series] == ["T1"]
+        assert study.skipped[0]["reason"].startswith(reason) and study.skipped[0]["first_file"] == "x"
+
+    def test_dixon_water_read_as_stir(self):
+        """A Dixon water image is fat-suppressed: STIR, from the description or from ImageType WATER."""
+        study = read_study([("w", mr_bytes(series_uid="1", description="t2_tse_dixon_sag_W", image_type=("DERIVED", "PRIMARY", "DIXON", "WATER"))),
+                            ("v", mr_bytes(series_uid="2", series_number=4, description="SAG 4", image_type=("DERIVED", "PRIMARY", "WATER")))])
+        assert [(s.sequence, s.sequence_source) for s in study.series] == [
+            ("STIR", "SeriesDescription 't2_tse_dixon_sag_W'"), ("STIR", "ImageType WATER (Dixon fat-suppressed image)")]
+
+    def test_sequence_source_reported(self):
+        """Each series says whether its description or its timing decided the sequence; skipped series say why."""
+        files = [("a", mr_bytes(series_uid="1", description="SAG 3", timing={"RepetitionTime": 600, "EchoTime": 10})),
+                 ("b", mr_bytes(series_uid="2", series_number=4, description="t2_tirm_sag")),
+                 ("c", mr_bytes(series_uid="3", series_number=5, iop=AXIAL))]
+        study = read_study(files)
+        assert [(s.sequence, s.sequence_source) for s in study.series] == [
+            ("T1", "timing (RepetitionTime 600 ms, EchoTime 10 ms)"), ("STIR", "SeriesDescription 't2_tirm_sag'")]
+        assert study.skipped == ({"series_number": 5, "description": "T2 TSE SAG", "reason": "not sagittal (axial orientation)",
+                                  "files": 1, "first_file": "c"},)
+
+    def test_malformed_header_value_skips_the_series(self):
+        """A series whose orientation is not numbers is skipped with the file named; a good one is still read."""
+        data = mr_bytes(series_uid="1")
+        assert data.count(b"0.0\\1.0\\0.0\\0.0\\0.0\\-1") == 1
+        bad = data.replace(b"0.0\\1.0\\0.0\\0.0\\0.0\\-1", b"a.a\\b.b\\c.c\\d.d\\e.e\\-f")  # same length, not numbers
+        study = read_study([("bad", bad), ("good", mr_bytes(series_uid="2", series_number=4, description="T1 SAG"))])
+        assert [s.sequence for s in study.series] == ["T1"] and study.skipped[0]["reason"].startswith("unreadable header value in bad")
+
+    def test_malformed_values_not_echoed(self, caplog):
+        """pydicom's "Invalid value for VR IS: '<value>'" warning is silenced while a request is read."""
+        data = mr_bytes(series_number=3)
+        tag = data.index(b"\x20\x00\x11\x00IS")  # (0020,0011) SeriesNumber, value "3 " follows the 2-byte length
+        bad = data[: tag + 8] + b"Q7" + data[tag + 10:]
+        with caplog.at_level(logging.DEBUG), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            study = read_study([("a", bad)])
+        assert study.series[0].series_number is None
+        assert "Q7" not in caplog.text and not [w for w in caught if "Q7" in str(w.message)]
+
     def test_distortion_corrected_originals_kept(self):
         """DERIVED\\PRIMARY (e.g. Siemens DIS2D) images are originals and are kept."""
         study = read_study([("a", mr_bytes(image_type=("DERIVED", "PRIMARY", "M", "NORM", "DIS2D")))])
@@ -245,6 +277,10 @@ class TestSequenceRules:
         ("sag T2 FSE", "T2"), ("SAG T2 FRFSE", "T2"), ("T2W_TSE SAG", "T2"),
         ("STIR_SAG", "STIR"), ("t2_tirm_sag", "STIR"), ("T2 FS SAG", "STIR"), ("t2_tse_fs_sag", "STIR"),
         ("sag T2 FSE FS", "STIR"), ("T2W_SPAIR SAG", "STIR"), ("SAG FatSat T2", "STIR"),
+        ("t1_tse_sag", "T1"), ("Sag T1 FLAIR", "T1"), ("SAG T1W SE", "T1"), ("T1WI SAG", "T1"),  # Siemens, GE, Canon, Hitachi
+        ("t2_tse_sag_384", "T2"), ("Sag T2 FRFSE", "T2"), ("T2W_TSE", "T2"), ("T2WI SAG", "T2"),
+        ("Sag STIR", "STIR"), ("STIR_LONGTE", "STIR"), ("Sag T2 IDEAL", "STIR"), ("sT2W_SPIR", "STIR"), ("SAG FS T2WI", "STIR"),
+        ("t2_tse_dixon_sag_W", "STIR"),
     ])
     def test_description(self, description, sequence):
         """Vendor description variants map to T1 / T2 / STIR."""
@@ -255,10 +291,12 @@ class TestSequenceRules:
         ({"RepetitionTime": 550, "EchoTime": 12}, "T1"),
         ({"RepetitionTime": 3500, "EchoTime": 100}, "T2"),
         ({"RepetitionTime": 2000, "EchoTime": 30}, None),
+        ({"RepetitionTime": 2200, "EchoTime": 9, "InversionTime": 860}, "T1"),  # T1 FLAIR
     ])
     def test_timing_fallback(self, timing, sequence):
         """Without a recognisable description, TR/TE/TI decide."""
-        assert sequence_of(pydicom.dcmread(io.BytesIO(mr_bytes(description="SAG 3", timing=timing)))) == sequence
+        sequence_found, source = classify_sequence(pydicom.dcmread(io.BytesIO(mr_bytes(description="SAG 3", timing=timing))))
+        assert sequence_found == sequence and (source.startswith("timing (RepetitionTime") if sequence else source == "")
 
 
     def test_timing_from_enhanced_functional_groups(self):
@@ -297,15 +335,16 @@ class TestRejections:
             read_study([("report.dcm", mr_bytes(pixels=False))])
 
     def test_two_patients(self):
-        """Files of more than one PatientID are refused without printing the IDs."""
+        """Files of more than one PatientID are refused naming the first odd file, without printing the IDs."""
         files = [("a", mr_bytes(patient_id="SECRET-1")), ("b", mr_bytes(x_mm=4, instance=2, patient_id="SECRET-2"))]
-        with pytest.raises(InputError, match="2 different PatientID values") as e:
+        with pytest.raises(InputError, match="b: different PatientID from a; .*more than one patient") as e:
             read_study(files)
         assert "SECRET" not in str(e.value)
 
     def test_no_usable_series_says_why(self):
-        """Only axial and localizer images: the error gives each series' reason."""
-        with pytest.raises(InputError, match=r"no usable sagittal.*series 3 'T2 TSE SAG': not sagittal.*localizer"):
+        """Only axial and localizer images: the error gives each series' reason and first file, by series number."""
+        with pytest.raises(InputError, match=r"no usable sagittal.*series 1 'SURVEY' \(1 file from loc\): localizer.*; "
+                                             r"series 3 'T2 TSE SAG' \(1 file from ax\): not sagittal"):
             read_study([("ax", mr_bytes(iop=AXIAL)), ("loc", mr_bytes(series_uid="2", series_number=1, description="SURVEY"))])
 
     @pytest.mark.parametrize("limits,match", [

@@ -44,3 +44,28 @@ class TestSummary:
         before = per_model(parse_metrics(TEXT))
         after = per_model(parse_metrics(TEXT.replace("} 10", "} 25")))
         assert delta(after, before)["detector"]["success"] == 15
+
+
+class TestFormat:
+    def test_zero_failure_reasons_hidden(self):
+        """Only the failure reasons that occurred are listed under a model."""
+        from wff.client.metrics import format_summary
+
+        text = TEXT + 'nv_inference_request_failure{model="preprocess",reason="BACKEND",version="1"} 0\n'
+        out = format_summary(summarise(per_model(parse_metrics(text))))
+        assert "failure[REJECTED]: 2" in out and "BACKEND" not in out
+
+    def test_gauges_readable(self):
+        """CPU as a percentage, memory in GiB, both marked as the machine's."""
+        from wff.client.metrics import format_gauges
+
+        lines = format_gauges({"cpu_utilization": 0.5, "cpu_memory_used_bytes": 2**31, "cpu_memory_total_bytes": 2**33})
+        assert lines == ["CPU utilisation (machine): 50 %", "memory used (machine): 2.0 of 8.0 GiB"]
+
+    def test_custom_counters_keep_model_label(self):
+        """The project's counters are listed with their labels (model and reason), version dropped."""
+        from wff.client.metrics import custom_counters
+
+        text = 'wff_rejected_inputs_total{model="preprocess",reason="not_dicom"} 3\nwff_diagnoses_total{diagnosis="benign"} 5\n'
+        assert custom_counters(parse_metrics(text)) == {
+            "wff_rejected_inputs_total{model=preprocess,reason=not_dicom}": 3.0, "wff_diagnoses_total{diagnosis=benign}": 5.0}

@@ -20,6 +20,8 @@ from wff.ensemble.types import AnnotatedPatient, PatientRecord, PreparedPatient
 from wff.training.detector_graph import DetectorGraph, eager_agreement
 from wff.training.engine import (
     balanced_draws,
+    DetectorSample,
+    detector_epoch,
     choose_centre,
     fit_classifier,
     fit_detector,
@@ -212,6 +214,21 @@ class TestFitClassifier:
         rng = np.random.default_rng(0)
         labelled = np.array([3, 8])
         assert {choose_centre(20, labelled, 4, 1.0, rng) for _ in range(50)} == {3, 8}
+
+    def test_detector_epoch_balances_tumour_slices(self):
+        """Balanced: as many benign as malignant tumour slices in expectation, same epoch length, plus the negatives."""
+        positives = [DetectorSample(i, 0) for i in range(40)]
+        labels = np.array([0] * 10 + [1] * 30)
+        negatives = [DetectorSample(100 + i, 0) for i in range(20)]
+        rng = np.random.default_rng(0)
+        benign = []
+        for _ in range(200):
+            epoch = detector_epoch(positives, labels, negatives, 5, True, rng)
+            assert len(epoch) == 45 and sum(s.patient >= 100 for s in epoch) == 5
+            benign.append(sum(s.patient < 10 for s in epoch) / 40)
+        assert np.mean(benign) == pytest.approx(0.5, abs=0.02)
+        plain = detector_epoch(positives, labels, negatives, 5, False, rng)
+        assert sorted(s.patient for s in plain if s.patient < 100) == list(range(40))  # every tumour slice once
 
     def test_balanced_draws(self):
         """One malignant among nine benign series is drawn about half the time."""

@@ -7,12 +7,13 @@ from wff.config import ImageConfig
 from wff.ensemble.preprocess import letterbox, normalize_intensity, prepare_patient
 from wff.ensemble.types import Series, Study
 
-INFO_KEYS = {"index", "sequence", "description", "series_number", "n_slices", "rows", "cols", "pixel_spacing"}
+INFO_KEYS = {"index", "sequence", "sequence_source", "description", "series_number", "n_slices", "rows", "cols", "pixel_spacing"}
 
 
 def series(n, sequence, rows=16, cols=12, number=1, seed=0):
     pixels = np.random.default_rng(seed).random((n, rows, cols), dtype=np.float32) * 1000
-    return Series(sequence, f"{sequence} SAG", number, pixels, (0.9, 0.9), np.arange(n, dtype=float), tuple(f"f{i}" for i in range(n)))
+    return Series(sequence, f"{sequence} SAG", number, pixels, (0.9, 0.9), np.arange(n, dtype=float), tuple(f"f{i}" for i in range(n)),
+                  f"SeriesDescription '{sequence} SAG'")
 
 
 class TestNormalize:
@@ -95,7 +96,7 @@ class TestPreparePatient:
         p = prepare_patient(Study((series(3, "STIR", number=7),)), ImageConfig(size=16))
         (info,) = p.series_info
         assert set(info) == INFO_KEYS
-        assert info == {"index": 0, "sequence": "STIR", "description": "STIR SAG", "series_number": 7,
+        assert info == {"index": 0, "sequence": "STIR", "sequence_source": "SeriesDescription 'STIR SAG'", "description": "STIR SAG", "series_number": 7,
                         "n_slices": 3, "rows": 16, "cols": 12, "pixel_spacing": [0.9, 0.9]}
 
     def test_empty_study(self):

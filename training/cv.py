@@ -27,10 +27,26 @@ def stratified_folds(labels: Sequence[int], k: int, seed: int) -> list[np.ndarra
     return [np.sort(np.array(f)) for f in folds]
 
 
+CV_METRICS = ("balanced_acc", "acc")
+
+
+def _objective(m: dict[str, float], metric: str) -> float:
+    if metric == "acc":
+        return m["acc"]
+    if metric == "balanced_acc":
+        se, sp = (0.0 if np.isnan(m[k]) else m[k] for k in ("se", "sp"))
+        return (se + sp) / 2
+    raise ValueError(f"fusion.cv_metric must be one of {CV_METRICS}, got {metric!r}")
+
+
 def choose_weights(
     components: Sequence[Components], labels: Sequence[int], cfg: FusionConfig
 ) -> FusionSettings:
-    """For each strategy, the grid weights with the best out-of-fold ACC (then AUC).
+    """For each strategy, the grid weights with the best out-of-fold ``cfg.cv_metric`` (then AUC).
+
+    ``balanced_acc`` (mean of SE and SP) does not reward leaning towards the training set's
+    majority class, which a test population with another class mix would punish; ``acc`` is
+    plain accuracy.
 
     Remaining ties go to the weights closest to the paper's (normalised), then to grid order,
     so the choice is deterministic.
@@ -43,9 +59,10 @@ def choose_weights(
         for w in weight_grid(mask, cfg.grid_step):
             m = strategy_metrics(components, labels, w, cfg.det_threshold)
             auc = -1.0 if np.isnan(m["auc"]) else m["auc"]
-            key = (m["acc"], auc, -float(np.abs(np.array(w) - paper).sum()))
+            key = (_objective(m, cfg.cv_metric), auc, -float(np.abs(np.array(w) - paper).sum()))
             if best_key is None or key > best_key:
                 best_key, best = key, (w, m)
         strategies[name] = best[0]
         report[name] = {"weights": list(best[0]), **{k: best[1][k] for k in ("acc", "auc", "se", "sp")}}
-    return FusionSettings(cfg.strategy, cfg.det_threshold, strategies, {"out_of_fold": report, "patients": len(labels)})
+    cv = {"out_of_fold": report, "patients": len(labels), "metric": cfg.cv_metric}
+    return FusionSettings(cfg.strategy, cfg.det_threshold, strategies, cv)

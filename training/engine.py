@@ -6,7 +6,10 @@ per epoch. Training stops with :class:`FloatingPointError` on a non-finite loss.
 
 Detector samples: every slice with at least one labelled box (label = patient label + 1,
 since class 0 is background), plus ``detector.negatives_per_positive`` times as many slices
-without boxes, redrawn each epoch. MultiScale-SelfCutMix (wff.training.augment) on the
+without boxes, redrawn each epoch. With ``detector.balanced_classes`` the tumour slices of an
+epoch are drawn class-balanced (as many benign as malignant in expectation, same epoch length),
+so the detector's P(malignant) is not tilted towards the training set's majority class.
+MultiScale-SelfCutMix (wff.training.augment) on the
 positives. SGD with momentum, linear warm-up then cosine decay.
 
 Classifier samples (paper, "Sequence classification model"): per series, the largest labelled
@@ -79,7 +82,7 @@ def train_one_epoch(
     progress: Progress | None,
     what: str,
 ) -> int:
-    """One pass over ``batches``; returns the global step reached.
+    """One pass over ``batches`` (stopping early once ``step`` reaches ``total``); returns the global step reached.
 
     ``loss_fn(model, batch)`` returns named losses, summed for the update. A non-finite sum
     raises FloatingPointError naming the step and every loss term.
@@ -87,6 +90,8 @@ def train_one_epoch(
     model.train()
     every = max(1, total // 10)
     for batch in batches:
+        if step >= total:
+            break
         losses = loss_fn(model, batch)
         loss = sum(losses.values())
         values = {k: float(v.detach()) for k, v in losses.items()}
@@ -105,6 +110,12 @@ def train_one_epoch(
         elif step % every == 0 or step == total:
             log.info("%s step %d/%d loss %.4f %s", what, step, total, sum(values.values()), values)
     return step
+
+
+def capped_steps(total: int, profile: Profile) -> int:
+    """``total`` optimiser steps, or ``train.max_steps`` when that is set and smaller."""
+    cap = profile.train.max_steps
+    return min(total, cap) if cap > 0 else total
 
 
 def _batched(items: Sequence, size: int) -> list[Sequence]:
@@ -149,6 +160,22 @@ def detector_samples(patients: Sequence[AnnotatedPatient]) -> tuple[list[Detecto
     return pos, neg
 
 
+def detector_epoch(
+    positives: Sequence[DetectorSample],
+    positive_labels: np.ndarray,
+    negatives: Sequence[DetectorSample],
+    n_neg: int,
+    balanced: bool,
+    rng: np.random.Generator,
+) -> list[DetectorSample]:
+    """One epoch's shuffled samples: ``len(positives)`` tumour slices (every one, or drawn
+    class-balanced by ``positive_labels`` when ``balanced``) and ``n_neg`` distinct negatives."""
+    chosen = [negatives[i] for i in rng.choice(len(negatives), n_neg, replace=False)] if n_neg else []
+    drawn = [positives[i] for i in balanced_draws(positive_labels, len(positives), rng)] if balanced else list(positives)
+    order = drawn + chosen
+    return [order[i] for i in rng.permutation(len(order))]
+
+
 def _content_bounds(patient: AnnotatedPatient, s: int, size: int) -> tuple[int, int]:
     """(height, width) of the letterboxed image content of slice s (top-left anchored)."""
     prep = patient.prepared
@@ -184,7 +211,8 @@ def fit_detector(
         raise ValueError("no labelled tumour boxes in the training patients; the detector needs some")
     n_neg = min(len(negatives), round(d.negatives_per_positive * len(positives)))
     steps_per_epoch = math.ceil((len(positives) + n_neg) / d.batch_size)
-    total = epochs * steps_per_epoch
+    total = capped_steps(epochs * steps_per_epoch, profile)
+    positive_labels = np.array([patients[s.patient].record.label for s in positives])
     rng = np.random.default_rng(seed)
 
     with torch.random.fork_rng(devices=_rng_devices(device)):
@@ -210,9 +238,7 @@ def fit_detector(
 
         step = 0
         for _ in range(epochs):
-            chosen = [negatives[i] for i in rng.choice(len(negatives), n_neg, replace=False)] if n_neg else []
-            order = positives + chosen
-            order = [order[i] for i in rng.permutation(len(order))]
+            order = detector_epoch(positives, positive_labels, negatives, n_neg, d.balanced_classes, rng)
             step = train_one_epoch(model, optimizer, scheduler, _batched(order, d.batch_size), loss_fn, step, total, progress, "detector")
     return model.eval()
 
@@ -324,7 +350,7 @@ def fit_classifier(
         raise ValueError("no series with labelled tumour boxes in the training patients; the classifier needs some")
     labels = np.array([t.label for t in tracks])
     draws = max(1, math.ceil(c.clips_per_series * len(tracks) / c.batch_size)) * c.batch_size
-    total = epochs * draws // c.batch_size
+    total = capped_steps(epochs * draws // c.batch_size, profile)
     rng = np.random.default_rng(seed)
 
     with torch.random.fork_rng(devices=_rng_devices(device)):
@@ -352,6 +378,7 @@ __all__ = [
     "train_one_epoch",
     "lr_factor",
     "detector_samples",
+    "detector_epoch",
     "series_tracks",
     "choose_centre",
     "training_clip",

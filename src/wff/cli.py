@@ -20,6 +20,8 @@ COMMANDS = {
     "diagnose": "wff.client.cli:diagnose",
     "evaluate": "wff.client.cli:evaluate",
     "metrics": "wff.client.metrics_cli:metrics",
+    "soak": "wff.client.soak_cli:soak",
+    "bench": "wff.client.bench_cli:bench",
     "demo": "wff.demo:demo",
 }
 

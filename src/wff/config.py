@@ -55,6 +55,7 @@ class DetectorConfig:
     cutmix_prob: float = 0.5  # MultiScale-SelfCutMix: chance per training image
     cutmix_scale: tuple[float, float] = (0.5, 1.0)  # width/height scale of the pasted tumour
     negatives_per_positive: float = 0.25  # slices without tumour mixed into detector training
+    balanced_classes: bool = True  # draw tumour slices so benign and malignant come equally often
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class ClassifierConfig:
 class AgePriorConfig:
     edges: tuple[float, ...] = (0, 10, 20, 30, 40, 50, 60, 70, 80)  # group lower bounds, years
     alpha: float = 4.0  # pseudo-count pulling sparse groups towards the overall malignancy rate
+    balanced: bool = True  # A under equal class priors (the training set's class mix divided out)
     max_age: float = 120.0  # ages outside [0, max_age] are rejected
 
 
@@ -87,6 +89,7 @@ class FusionConfig:
     strategy: str = "Det-Seq-Age"  # the strategy served (one of fusion.STRATEGIES)
     det_threshold: float = 0.5  # slices whose best box scores below this do not vote
     grid_step: float = 0.05  # step of the simplex grid searched by cross-validation
+    cv_metric: str = "balanced_acc"  # what the weight search maximises: "balanced_acc" (mean of SE, SP) or "acc"
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class TrainConfig:
     cv_epoch_scale: float = 0.33  # fold models train for this fraction of the final epochs (rounded up)
     seed: int = 0
     num_threads: int = 2  # torch CPU threads
+    max_steps: int = 0  # stop every fit after this many optimiser steps (0 = no cap; for smoke tests)
 
 
 @dataclass(frozen=True)
@@ -104,10 +108,12 @@ class ServingConfig:
     preferred_batch_detector: tuple[int, ...] = (32, 64)
     preferred_batch_classifier: tuple[int, ...] = (4, 8)
     max_queue_delay_us: int = 2000
-    instances_detector: int = 1
+    instances_detector: int = 2  # 2 cores: two single-threaded detectors beat one with 2 threads (wff bench, BENCHMARKS.md)
     instances_classifier: int = 1
     instances_python: int = 1  # preprocess, crop, fusion
-    runtime_threads: int = 2  # intra-op threads of each CPU runtime session
+    runtime_threads: int = 1  # intra-op threads of each CPU runtime session (per instance)
+    runtime: str = "openvino"  # embedded detector/classifier: "openvino" (~1.3x faster here) | "onnxruntime"; both fp32
+    runtime_chunk: int = 16  # served detector/classifier: items per runtime call within one batch (bounds activation memory)
     max_files: int = 512  # request limits (files per patient, bytes, slices, pixels per slice)
     max_bytes: int = 512 * 1024 * 1024
     max_slices: int = 96

@@ -2,7 +2,8 @@
 
 synthesize a DICOM dataset -> train (small profile, k-fold CV of the fusion weights) -> export
 ONNX -> build the embedded Triton repository -> start the real tritonserver -> evaluate the
-test split over gRPC -> print Table 3 -> stop the server. Each stage is skipped when its output
+test split over gRPC -> print Table 3, the per-location and per-sequence tables and write
+the report (JSON, CSV, PNG) -> stop the server. Each stage is skipped when its output
 is already there (``--fresh`` redoes everything).
 """
 
@@ -38,6 +39,7 @@ def _stage(name: str) -> None:
 def demo(size, data_dir, out, profile_name, overrides, concurrency, grpc_port, http_port, metrics_port, fresh) -> None:
     """Synthesize, train, serve with tritonserver and evaluate the test split over gRPC."""
     from wff.client.evaluate import evaluate
+    from wff.client.report import format_per_location, format_sequences, write_report
     from wff.ensemble.metrics import format_table
     from wff.serving.repository import build_repository
     from wff.training.dataset import load_records
@@ -78,11 +80,15 @@ def demo(size, data_dir, out, profile_name, overrides, concurrency, grpc_port, h
             result = evaluate(records, url=server.grpc_url, concurrency=concurrency, on_done=lambda _: bar.update(1))
     result.write_csv(out / "evaluation.csv")
     (out / "evaluation.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    report_files = write_report(result, out / "report")
     timings["serve_and_evaluate_s"] = round(time.perf_counter() - t, 1)
     timings["total_s"] = round(time.perf_counter() - t0, 1)
     (out / "demo_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     click.echo(f"Table 3 on the test split, served by tritonserver over gRPC ({len(result.results)} patients, {result.errors} errors):")
     click.echo(format_table(result.table))
     click.echo(f"served strategy {result.settings.served_strategy}, weights {result.settings.served_weights}")
+    click.echo(format_per_location(result.to_dict()["per_location"]))
+    click.echo(format_sequences(result.to_dict()["sequences"]))
+    click.echo(f"report (Table 3, Fig. 6, Fig. 7, ROC as JSON, CSV and PNG): {out / 'report'} ({len(report_files)} files)")
     click.echo(f"seconds per patient (wall time / patients, concurrency {concurrency}): {result.seconds_per_patient:.3f}")
     click.echo(f"stage timings: {json.dumps(timings)}")

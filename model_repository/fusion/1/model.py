@@ -2,6 +2,7 @@
 
 Weights and the detection threshold come from fusion.json, the age groups from age_prior.json,
 both in the version directory; the same numbers are in this model's config parameters for clients.
+Each diagnosis counts in ``wff_diagnoses_total{diagnosis}``.
 """
 
 from wff.ensemble import steps
@@ -23,4 +24,6 @@ class TritonPythonModel(TritonStep):
         series = inputs["fusion_slice_series"]
         if n and (series.min() < 0 or series.max() >= len(inputs["fusion_series_probs"])):
             raise ValueError(f"fusion_slice_series must index the {len(inputs['fusion_series_probs'])} series")
-        return steps.fusion(inputs, self.settings, self.age_prior)
+        outputs = steps.fusion(inputs, self.settings, self.age_prior)
+        self.count("wff_diagnoses_total", diagnosis=outputs["fusion_diagnosis"][0].decode())
+        return outputs

@@ -42,34 +42,44 @@ def build(out: Path, target: str, artifacts: Path | None, profile_name: str, ins
 @click.option("--repository", type=click.Path(exists=True, file_okay=False, path_type=Path), help="A model repository (wff repo build).")
 @click.option("--artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="wff train output; an embedded repository is built from it into a temporary folder.")
-@click.option("--address", default="127.0.0.1", show_default=True, help="Address for all endpoints.")
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Address for all endpoints; anything but loopback exposes them to the network (use --tls-cert/--tls-key).")
 @click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--http-port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--log-verbose", default=0, show_default=True, type=click.IntRange(0, 3), help="tritonserver --log-verbose.")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Write the server log here (default: a temporary file).")
 @click.option("--timeout", "startup_timeout", default=120.0, show_default=True, help="Seconds to wait for the server to be ready.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="PEM server certificate: gRPC over TLS (clients: --ssl --root-certificates). Needs --tls-key.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="PEM private key of --tls-cert.")
 def serve(repository: Path | None, artifacts: Path | None, address: str, grpc_port: int, http_port: int, metrics_port: int,
-          log_verbose: int, log_file: Path | None, startup_timeout: float) -> None:
+          log_verbose: int, log_file: Path | None, startup_timeout: float, tls_cert: Path | None, tls_key: Path | None) -> None:
     """Run tritonserver on a model repository until Ctrl-C or SIGTERM."""
     from wff.serving.repository import build_repository
     from wff.serving.server import ServerError, TritonServer
 
     if (repository is None) == (artifacts is None):
         raise click.UsageError("give exactly one of --repository DIR or --artifacts DIR")
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("give both --tls-cert and --tls-key, or neither")
     with tempfile.TemporaryDirectory(prefix="wff-repo-") as tmp:
         if artifacts is not None:
             try:
                 repository = build_repository(Path(tmp) / "repository", "embedded", artifacts)
             except (FileNotFoundError, ValueError) as e:
                 raise click.ClickException(str(e)) from e
-        server = TritonServer(repository, address, grpc_port, http_port, metrics_port, log_verbose, log_file, startup_timeout)
+        try:
+            server = TritonServer(repository, address, grpc_port, http_port, metrics_port, log_verbose, log_file, startup_timeout,
+                                  tls_cert=tls_cert, tls_key=tls_key)
+        except ServerError as e:
+            raise click.ClickException(str(e)) from e
         stop = threading.Event()
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             server.start()
             click.echo(f"tritonserver ready in {server.startup_s:.1f} s (repository {repository})")
-            click.echo(f"  gRPC     {server.grpc_url}")
+            click.echo(f"  gRPC     {server.grpc_url}" + (" (TLS)" if server.tls else ""))
             click.echo(f"  HTTP     {server.http_url}")
             click.echo(f"  metrics  {server.metrics_url}")
             click.echo(f"  log      {server.log_file}")

@@ -35,7 +35,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from wff.config import SMALL, Profile, load_profile
+from wff.config import SMALL, Profile, ServingConfig, load_profile
 from wff.contracts import Contracts, StepContract, TensorSpec, contracts_for
 from wff.ensemble.fusion import FusionSettings, load_fusion_settings
 from wff.ensemble.pipeline import check_artifacts
@@ -158,7 +158,7 @@ def repository_configs(profile: Profile, target: str, settings: FusionSettings, 
     }
     for step, (instances, preferred) in batching.items():
         if target == "embedded":
-            params = {"runtime_threads": str(sv.runtime_threads)}
+            params = {"runtime": sv.runtime, "runtime_threads": str(sv.runtime_threads), "runtime_chunk": str(sv.runtime_chunk)}
         elif target == "onnxruntime":
             params = {"intra_op_thread_count": str(sv.runtime_threads), "inter_op_thread_count": "1"}
         else:
@@ -201,12 +201,15 @@ def build_repository(
     profile: Profile | None = None,
     instance_kind: str | None = None,
     overwrite: bool = False,
+    serving: ServingConfig | None = None,
 ) -> Path:
     """Write the model repository for ``target`` into ``out`` and return it.
 
     ``artifacts`` is a ``wff train`` output (profile.json, detector.onnx, classifier.onnx,
     age_prior.json, fusion.json). Without it, only configs and adapters are written for
     ``profile`` (default: small), which is enough to check configs but not to serve.
+    ``serving`` replaces the profile's serving section (batching, instances, threads, limits),
+    which is deployment, not training: ``wff bench --set serving.KEY=VALUE`` compares variants.
     """
     if target not in TARGET_SPECS:
         raise ValueError(f"unknown target {target!r}; expected one of {list(TARGETS)}")
@@ -224,6 +227,8 @@ def build_repository(
         profile = profile or SMALL
         settings = FusionSettings(profile.fusion.strategy, profile.fusion.det_threshold)
         log.warning("no artifacts given: %s gets configs and adapters only (no models, not servable)", out)
+    if serving is not None:
+        profile = profile.replace(serving=serving)
     if settings.det_threshold != profile.fusion.det_threshold:
         raise ValueError(
             f"fusion.json det_threshold {settings.det_threshold} differs from profile.json fusion.det_threshold "

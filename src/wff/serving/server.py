@@ -16,10 +16,31 @@ The wheel's server needs three things set up around it, done here:
 
 Port 0 picks a free port. The server's output goes to a log file; on a failed start the
 exception carries its last lines.
+
+Backend stubs: each Python-backend model instance runs in a ``triton_python_backend_stub``
+process. Triton 2.51 does not restart a stub that dies (killed, out of memory): every later
+request to that model fails with INTERNAL "Stub process '<model>_0_0' is not healthy" while
+the server and the model still report READY. The server therefore runs with explicit model
+control, and a watchdog thread (``restart_stubs=True``) checks the stubs every
+``STUB_CHECK_S`` and reloads a model whose stub has gone, through the repository API; it logs
+an error each time and counts the restarts in ``stub_restarts``. Requests that reach the model
+between the death and the reload fail with that INTERNAL error; nothing hangs.
+
+Security: every endpoint binds to 127.0.0.1 unless ``address`` says otherwise (a warning is
+logged for any other address without TLS). ``tls_cert`` and ``tls_key`` (PEM files) turn on
+TLS for gRPC (``--grpc-use-ssl``); HTTP and metrics stay plain, so keep them on loopback.
+Explicit model control opens Triton's model-repository API (load, unload, index); when the
+server is reachable from the network (``restrict_repository_api`` None and a non-loopback
+address, or True) that API needs the header ``ADMIN_HEADER`` with a secret made per start,
+which only the watchdog knows.
+:func:`listening_sockets` and :func:`process_tree_rss` read /proc to check the binding and
+measure the server's memory (tritonserver plus its backend stubs).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import os
 import signal
@@ -27,11 +48,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -50,6 +72,11 @@ STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
 EXIT_TIMEOUT_S = 5  # tritonserver waits this long for open client connections and in-flight requests
 LOG_TAIL_LINES = 40
+STUB_NAME = "triton_python_backend_stub"
+STUB_CHECK_S = 0.5  # how often the watchdog looks for dead backend stubs
+RELOAD_TIMEOUT_S = 120.0
+RELOAD_PARAMETER = "wff_reloaded_after_stub_death"  # config parameter that makes a reload a new model
+ADMIN_HEADER = "wff-admin-key"  # header the restricted model-repository API requires
 
 
 class ServerError(RuntimeError):
@@ -120,11 +147,21 @@ class TritonServer:
         shm_default_bytes: int | None = None,
         shm_growth_bytes: int = SHM_GROWTH_BYTES,
         exit_timeout_s: int = EXIT_TIMEOUT_S,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        restart_stubs: bool = True,
+        restrict_repository_api: bool | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
             raise ServerError(f"{self.repository}: no model repository here (build one with wff repo build)")
+        self.tls = _tls_files(tls_cert, tls_key)
+        if not _is_loopback(address) and self.tls is None:
+            log.warning("tritonserver will listen on %s without TLS: gRPC, HTTP and metrics are reachable from the network "
+                        "in plain text; give tls_cert/tls_key (wff serve --tls-cert/--tls-key) or keep 127.0.0.1", address)
         self.address = address
+        restricted = not _is_loopback(address) if restrict_repository_api is None else restrict_repository_api
+        self._admin_key = uuid.uuid4().hex if restricted else None
         self.grpc_port = grpc_port or free_port(address)
         self.http_port = http_port or free_port(address)
         self.metrics_port = metrics_port or free_port(address)
@@ -137,6 +174,11 @@ class TritonServer:
         self.log_file = Path(log_file) if log_file else Path(self._tmp.name) / "tritonserver.log"
         self.process: subprocess.Popen | None = None
         self.startup_s: float | None = None
+        self.restart_stubs = restart_stubs
+        self.stub_restarts: list[dict] = []  # {"model", "reload_s", "ok"}, one per stub death seen
+        self._watchdog: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._expected_stubs: Counter = Counter()  # model -> stubs running once the server was ready
 
     @property
     def grpc_url(self) -> str:
@@ -164,15 +206,35 @@ class TritonServer:
             f"--http-port={self.http_port}",
             f"--grpc-address={self.address}",
             f"--grpc-port={self.grpc_port}",
+            *self._tls_flags(),
             f"--metrics-address={self.address}",
             f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true",
             "--allow-gpu-metrics=false",
             "--strict-readiness=true",
+            "--model-control-mode=explicit",  # lets the watchdog reload a model whose stub died
+            "--load-model=*",
+            *self._restriction_flags(),
             "--exit-on-error=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={self.log_verbose}",
         ]
+
+    @property
+    def repository_api_restricted(self) -> bool:
+        return self._admin_key is not None
+
+    def _restriction_flags(self) -> list[str]:
+        if self._admin_key is None:
+            return []
+        rule = f"model-repository:{ADMIN_HEADER}={self._admin_key}"
+        return [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
+
+    def _tls_flags(self) -> list[str]:
+        if self.tls is None:
+            return []
+        cert, key = self.tls
+        return ["--grpc-use-ssl=true", f"--grpc-server-cert={cert}", f"--grpc-server-key={key}"]
 
     def environment(self) -> dict[str, str]:
         _, libs = _pytriton_dirs()
@@ -203,6 +265,11 @@ class TritonServer:
             raise
         self.startup_s = time.monotonic() - started
         log.info("tritonserver ready in %.1f s: grpc %s, http %s", self.startup_s, self.grpc_url, self.http_url)
+        self._expected_stubs = Counter(self.stub_pids().values())
+        if self.restart_stubs:
+            self._stopping.clear()
+            self._watchdog = threading.Thread(target=self._watch_stubs, name="wff-stub-watchdog", daemon=True)
+            self._watchdog.start()
         return self
 
     def _wait_ready(self, started: float) -> None:
@@ -233,8 +300,77 @@ class TritonServer:
         except OSError:
             return "(no log)"
 
+    def stub_pids(self) -> dict[int, str]:
+        """pid -> model name of every running backend stub of this server."""
+        proc = self.process  # stop() may clear it from another thread
+        if proc is None or proc.poll() is not None:
+            return {}
+        stubs = {}
+        for pid in child_pids(proc.pid, recursive=False):  # a stub's own short-lived forks share its command line
+            if process_name(pid) == STUB_NAME:
+                model = _stub_model(pid)
+                if model:
+                    stubs[pid] = model
+        return stubs
+
+    def reload_model(self, model: str) -> None:
+        """Load ``model`` again through the repository API (new instances, new stubs); ServerError on failure.
+
+        Triton skips the load of a model whose files and config have not changed, so the request
+        carries the model's current config as an override, with the parameter ``RELOAD_PARAMETER``
+        set to a new value each time (the steps ignore it).
+        """
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/models/{model}/config", timeout=RELOAD_TIMEOUT_S) as r:
+                config = json.loads(r.read())
+            config.setdefault("parameters", {})[RELOAD_PARAMETER] = {"string_value": uuid.uuid4().hex}
+            body = json.dumps({"parameters": {"config": json.dumps(config)}}).encode()
+            headers = {ADMIN_HEADER: self._admin_key} if self._admin_key else {}
+            request = urllib.request.Request(f"{self.http_url}/v2/repository/models/{model}/load", data=body, method="POST",
+                                             headers=headers)
+            with urllib.request.urlopen(request, timeout=RELOAD_TIMEOUT_S) as r:
+                r.read()
+        except (urllib.error.URLError, OSError) as e:
+            raise ServerError(f"reloading model {model!r} failed ({e}); last log lines:\n{self.log_tail()}") from e
+
+    def dead_stubs(self) -> dict[str, int]:
+        """model -> backend stubs missing since the server became ready (empty when all run)."""
+        current = Counter(self.stub_pids().values())
+        return {m: n - current[m] for m, n in self._expected_stubs.items() if current[m] < n}
+
+    def is_healthy(self) -> bool:
+        """Ready, and every backend stub that ran at start is running (Triton's own readiness misses dead stubs)."""
+        return self.is_ready() and not self.dead_stubs()
+
+    def _watch_stubs(self) -> None:
+        """Reload every model whose number of running stubs drops, until the server stops."""
+        expected = self._expected_stubs
+        log.info("stub watchdog: %s", dict(expected))
+        while not self._stopping.wait(STUB_CHECK_S):
+            if not self.is_running():
+                return
+            current = Counter(self.stub_pids().values())
+            for model in [m for m, count in expected.items() if current[m] < count]:
+                if self._stopping.is_set():
+                    return
+                log.error("backend stub of model %r died (%d of %d running); reloading the model", model, current[model], expected[model])
+                self._reload_after_stub_death(model)
+
+    def _reload_after_stub_death(self, model: str) -> None:
+        started = time.monotonic()
+        try:
+            self.reload_model(model)
+            ok = True
+            log.warning("model %r reloaded in %.1f s after its stub died", model, time.monotonic() - started)
+        except ServerError as e:
+            ok = False
+            if not self._stopping.is_set():
+                log.error("%s", e)
+        self.stub_restarts.append({"model": model, "reload_s": round(time.monotonic() - started, 3), "ok": ok})
+
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, wait up to ``timeout_s``, then SIGKILL the process group. Returns the exit code."""
+        self._stopping.set()
         if self.process is None:
             return None
         proc, self.process = self.process, None
@@ -246,6 +382,9 @@ class TritonServer:
                 log.warning("tritonserver did not stop in %.0f s; killing its process group", timeout_s)
                 os.killpg(proc.pid, signal.SIGKILL)  # the server and its backend stubs
         code = proc.wait()
+        if self._watchdog is not None:  # it ends within a check period now that the server is gone
+            self._watchdog.join(STOP_TIMEOUT_S)
+            self._watchdog = None
         log.info("tritonserver stopped (exit code %s)", code)
         return code
 
@@ -253,8 +392,121 @@ class TritonServer:
         self.stop()
         self._tmp.cleanup()
 
+    def rss_bytes(self) -> int:
+        """Resident memory of tritonserver and its backend stubs, in bytes (0 when not running)."""
+        proc = self.process
+        return process_tree_rss(proc.pid) if proc is not None and proc.poll() is None else 0
+
     def __enter__(self) -> "TritonServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _tls_files(cert: str | Path | None, key: str | Path | None) -> tuple[Path, Path] | None:
+    """(certificate, key) as resolved paths, None without TLS; ServerError when one is missing."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ServerError("gRPC TLS needs both a certificate and its private key (PEM files); got only one")
+    paths = (Path(cert).resolve(), Path(key).resolve())
+    for what, path in zip(("certificate", "private key"), paths):
+        if not path.is_file():
+            raise ServerError(f"{path}: TLS {what} not found")
+    return paths
+
+
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
+
+
+def child_pids(pid: int, recursive: bool = True) -> list[int]:
+    """The children of ``pid`` (every descendant when ``recursive``), from /proc/<pid>/task/*/children."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:  # the task ended meanwhile
+                continue
+            found.extend(kids)
+            if recursive:
+                queue.extend(kids)
+    return found
+
+
+def process_rss(pid: int) -> int:
+    """VmRSS of one process in bytes; 0 when it has gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def process_tree_rss(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants, in bytes (shared pages counted per process)."""
+    return sum(process_rss(p) for p in [pid, *child_pids(pid)])
+
+
+def _stub_model(pid: int) -> str | None:
+    """The model a backend stub serves: its first argument is <repository>/<model>/<version>/model.py."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if len(argv) < 2:
+        return None
+    return Path(argv[1].decode(errors="replace")).parent.parent.name or None
+
+
+def process_name(pid: int) -> str:
+    """argv[0]'s base name of a process ('' when it has gone)."""
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return ""
+    return os.path.basename(argv0.decode(errors="replace"))
+
+
+def listening_sockets(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state owned by ``pid``, from /proc/net/tcp{,6}.
+
+    IPv4-mapped IPv6 addresses are given as IPv4 (``::ffff:127.0.0.1`` -> ``127.0.0.1``).
+    """
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table, width in (("tcp", 4), ("tcp6", 16)):
+        try:
+            lines = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A = LISTEN
+                continue
+            host, port = local.split(":")
+            raw = bytes.fromhex(host)
+            # /proc prints each 32-bit word in host (little-endian) order
+            packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(packed if width == 16 else packed[:4])
+            ip = getattr(ip, "ipv4_mapped", None) or ip  # gRPC listens on ::ffff:127.0.0.1 for 127.0.0.1
+            found.append((str(ip), int(port, 16)))
+    return sorted(found)

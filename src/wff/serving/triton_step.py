@@ -12,7 +12,10 @@ Triton side once:
   concatenates every request's batch into one ``run`` call and splits the outputs back;
 * errors stay with their request: ``InputError``/``ValueError`` -> ``INVALID_ARG`` with the
   message; anything else -> ``INTERNAL`` with the traceback logged. If a merged batch fails
-  with bad input, each request is rerun alone so only the bad one fails.
+  with bad input, each request is rerun alone so only the bad one fails;
+* custom counters (wff.serving.custom_metrics): every INVALID_ARG answer counts in
+  ``wff_rejected_inputs_total{model, reason}``; steps count their own with ``count()``.
+  Python backends without custom-metric support (before Triton 23.05) count nothing.
 
 Logs carry model names, counts and error messages, never pixel data or patient identifiers.
 """
@@ -26,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+from wff.serving.custom_metrics import COUNTERS, rejection_reason
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -43,6 +48,8 @@ class TritonStep:
         self.output_dtypes = {
             o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in self.model_config["output"]
         }
+        self._families: dict = {}  # counter name -> MetricFamily; kept alive as long as its metrics
+        self._counters: dict = {}  # (name, labels) -> Metric
         self.setup()
         pb_utils.Logger.log_info(f"{self.model_name}: ready (version dir {self.version_dir.name}, batching={self.batching})")
 
@@ -54,6 +61,18 @@ class TritonStep:
 
     def parameter(self, key: str, default: str) -> str:
         return self.parameters.get(key) or default
+
+    def count(self, name: str, **labels: str) -> None:
+        """Add 1 to the custom counter ``name`` (a key of COUNTERS) with these labels."""
+        if not hasattr(pb_utils, "MetricFamily"):
+            return
+        key = (name, tuple(sorted(labels.items())))
+        metric = self._counters.get(key)
+        if metric is None:
+            if name not in self._families:
+                self._families[name] = pb_utils.MetricFamily(name=name, description=COUNTERS[name], kind=pb_utils.MetricFamily.COUNTER)
+            metric = self._counters[key] = self._families[name].Metric(labels=dict(labels))
+        metric.increment(1)
 
     def execute(self, requests: list) -> list:
         if self.batching and len(requests) > 1:
@@ -73,6 +92,7 @@ class TritonStep:
         try:
             return make_response()
         except ValueError as e:  # includes wff.ensemble.types.InputError
+            self.count("wff_rejected_inputs_total", model=self.model_name, reason=rejection_reason(str(e)))
             return self._error(str(e), pb_utils.TritonError.INVALID_ARG)
         except Exception as e:  # a bug, not the client's fault: log it, answer INTERNAL, keep serving
             pb_utils.Logger.log_error(f"{self.model_name}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
@@ -106,4 +126,6 @@ class TritonStep:
         return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
     def finalize(self) -> None:
+        self._counters.clear()  # metrics before their families, as the backend requires
+        self._families.clear()
         pb_utils.Logger.log_info(f"{self.model_name}: unloaded")
