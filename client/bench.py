@@ -34,6 +34,7 @@ import numpy as np
 
 from wff.client.metrics import custom_counters, delta, fetch_metrics, per_model, summarise
 from wff.contracts import ENSEMBLE_NAME
+from wff.serving.server import process_pss
 
 log = logging.getLogger(__name__)
 
@@ -203,18 +204,6 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def pss_bytes(pid: int) -> int:
-    """Proportional set size of ``pid`` (0 if it is gone or unreadable)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass  # a stub that exited between listing and reading counts as 0
-    return 0
-
-
 class TreeMemory:
     """Samples the summed PSS of a process tree in a thread; ``peak_mib`` after ``stop()``."""
 
@@ -227,7 +216,7 @@ class TreeMemory:
         self._thread = threading.Thread(target=self._run, name="wff-bench-memory", daemon=True)
 
     def sample(self) -> int:
-        total = sum(pss_bytes(p) for p in process_tree(self.pid))
+        total = sum(process_pss(p) for p in process_tree(self.pid))
         self.peak_bytes = max(self.peak_bytes, total)
         return total
 

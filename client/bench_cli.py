@@ -39,11 +39,10 @@ def _fail(message: str, code: int = 2) -> None:
 def _serving_overrides(artifacts: Path, overrides: tuple[str, ...]):
     """The trained profile's serving section with ``serving.KEY=VALUE`` overrides applied."""
     from wff.config import load_profile
-    from wff.training.cli import apply_overrides
+    from wff.serving.cli import serving_overrides
 
-    if any(not item.startswith("serving.") for item in overrides):
-        raise click.BadParameter("only serving.KEY=VALUE can change for a benchmark (the rest is fixed by training)", param_hint="--set")
-    return apply_overrides(load_profile(artifacts / "profile.json"), overrides).serving
+    profile = load_profile(artifacts / "profile.json")
+    return serving_overrides(profile, overrides) or profile.serving
 
 
 def machine() -> dict:

@@ -181,3 +181,34 @@ async def evaluate_async(
 def evaluate(records: Sequence[PatientRecord], **kwargs) -> Evaluation:
     """Blocking wrapper of :func:`evaluate_async` (same keyword arguments)."""
     return asyncio.run(evaluate_async(records, **kwargs))
+
+
+def compare_evaluations(reference: Evaluation, other: Evaluation) -> dict:
+    """How far ``other`` (e.g. served in bf16) moves from ``reference`` (fp32) on the same patients.
+
+    Per strategy of both settings: patients compared, decisions that differ, and the largest
+    change of the patient score, recomputed from the returned components; plus each run's
+    Table 3. Patients without a diagnosis in either run are left out and counted.
+    """
+    from wff.ensemble.fusion import fuse
+
+    theirs = {r.patient_id: r for r in other.diagnosed}
+    pairs = [(r, theirs[r.patient_id]) for r in reference.diagnosed if r.patient_id in theirs]
+    strategies = {}
+    for name, weights in reference.settings.strategies.items():
+        if name not in other.settings.strategies:
+            continue
+        a = [fuse(r.diagnosis.components(), weights, reference.settings.det_threshold) for r, _ in pairs]
+        b = [fuse(o.diagnosis.components(), other.settings.strategies[name], other.settings.det_threshold) for _, o in pairs]
+        strategies[name] = {
+            "patients": len(pairs),
+            "decisions_changed": sum(x.label != y.label for x, y in zip(a, b)),
+            "max_abs_dp": json_number(max((abs(x.p_malignant - y.p_malignant) for x, y in zip(a, b)), default=math.nan)),
+        }
+    return {
+        "patients": len(pairs),
+        "left_out": len(reference.results) + len(other.results) - 2 * len(pairs),
+        "strategies": strategies,
+        "table_reference": {n: {k: json_number(m[k]) for k in METRICS} for n, m in reference.table.items()},
+        "table_other": {n: {k: json_number(m[k]) for k in METRICS} for n, m in other.table.items()},
+    }

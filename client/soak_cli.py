@@ -40,17 +40,20 @@ def _patients(dataset: Path | None, split: str | None, patient_dirs: tuple[Path,
 @click.option("--patient", "patient_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A good patient folder (repeatable).")
 @click.option("--max-patients", default=20, show_default=True, type=click.IntRange(min=1), help="Good patients kept in memory.")
-@click.option("--minutes", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="How long to send requests.")
+@click.option("--minutes", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="How long to send requests after the warm-up (memory growth is judged over these).")
+@click.option("--warmup-minutes", default=2.0, show_default=True, type=click.FloatRange(min=0),
+              help="Full mixed load first, until allocators and shared-memory regions reach their working size.")
 @click.option("--concurrency", default=8, show_default=True, type=click.IntRange(min=1), help="Requests in flight.")
 @click.option("--bad-fraction", default=0.3, show_default=True, type=click.FloatRange(0, 1), help="Share of bad requests.")
-@click.option("--sample-every", "sample_every_s", default=5.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds between RSS samples.")
-@click.option("--max-growth-mib", default=64.0, show_default=True, type=click.FloatRange(min=0), help="Allowed RSS growth after the warm-up.")
+@click.option("--sample-every", "sample_every_s", default=5.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds between memory samples.")
+@click.option("--max-growth-mib", default=64.0, show_default=True, type=click.FloatRange(min=0), help="Allowed memory growth (trend) after the warm-up.")
 @click.option("--seed", default=0, show_default=True)
 @ssl_option
 @certs_option
-@click.option("--json", "json_out", metavar="FILE|-", help="Write the report (counts, latencies, RSS samples) as JSON.")
+@click.option("--json", "json_out", metavar="FILE|-", help="Write the report (counts, latencies, memory samples) as JSON.")
 def soak(url: str | None, repository: Path | None, artifacts: Path | None, dataset: Path | None, split: str | None,
-         patient_dirs: tuple[Path, ...], max_patients: int, minutes: float, concurrency: int, bad_fraction: float,
+         patient_dirs: tuple[Path, ...], max_patients: int, minutes: float, warmup_minutes: float, concurrency: int, bad_fraction: float,
          sample_every_s: float, max_growth_mib: float, seed: int, ssl: bool, root_certificates: str | None, json_out: str | None) -> None:
     """Send good and bad patients at full concurrency for --minutes; exit 1 unless every good one was diagnosed,
     every bad one rejected, the server survived and its memory did not grow beyond --max-growth-mib."""
@@ -63,7 +66,7 @@ def soak(url: str | None, repository: Path | None, artifacts: Path | None, datas
     if sum(x is not None for x in (url, repository, artifacts)) != 1:
         raise click.UsageError("give exactly one of --url HOST:PORT, --repository DIR or --artifacts DIR")
     patients = _patients(dataset, split, patient_dirs, max_patients)
-    settings = dict(duration_s=minutes * 60, concurrency=concurrency, bad_fraction=bad_fraction, sample_every_s=sample_every_s,
+    settings = dict(duration_s=minutes * 60, warmup_s=warmup_minutes * 60, concurrency=concurrency, bad_fraction=bad_fraction, sample_every_s=sample_every_s,
                     max_growth_bytes=int(max_growth_mib * MIB), seed=seed, ssl=ssl, root_certificates=root_certificates)
     with tempfile.TemporaryDirectory(prefix="wff-soak-") as tmp:
         try:
@@ -71,13 +74,13 @@ def soak(url: str | None, repository: Path | None, artifacts: Path | None, datas
                 pid = find_server_pid(int(url.rsplit(":", 1)[1]))
                 if pid is None:
                     click.echo(f"no tritonserver process listening on {url} here: memory is not sampled", err=True)
-                report = asyncio.run(run_soak(url, patients, rss_pid=pid, **settings))
+                report = asyncio.run(run_soak(url, patients, server_pid=pid, **settings))
             else:
                 if artifacts is not None:
                     repository = build_repository(Path(tmp) / "repository", "embedded", artifacts)
                 with TritonServer(repository, grpc_port=0, http_port=0, metrics_port=0) as server:
                     click.echo(f"tritonserver ready (log {server.log_file}); soaking for {minutes:g} min", err=True)
-                    report = asyncio.run(run_soak(server.grpc_url, patients, rss_pid=server.process.pid,
+                    report = asyncio.run(run_soak(server.grpc_url, patients, server_pid=server.process.pid,
                                                   is_alive=server.is_running, **settings))
                     if server.stub_restarts:
                         report.failures["backend stub restarts"] = [str(r) for r in server.stub_restarts]

@@ -2,11 +2,14 @@
 
 * :class:`OnnxRunner`: ONNX Runtime, ``threads`` intra-op threads, all graph optimisations,
   sequential execution. The in-process pipeline and the embedded target's default.
-* :class:`OpenVinoRunner`: OpenVINO's CPU plugin over the same model.onnx, fp32 inference
-  precision (bf16 changes the detections), latency hint, ``threads`` threads. On the small
-  profile's detector it is ~1.3x faster than ONNX Runtime and matches it to 6e-5 on boxes.
+* :class:`OpenVinoRunner`: OpenVINO's CPU plugin over the same model.onnx, latency hint,
+  ``threads`` threads. In fp32 (the default) it is ~1.3x faster than ONNX Runtime on the small
+  profile's detector and matches it to 6e-5 on boxes. ``precision="bf16"`` asks for bfloat16
+  arithmetic (OpenVINO keeps fp32 where the CPU lacks it, and for the ops it never lowers):
+  faster on CPUs with AVX512-BF16 or AMX, but the outputs move by about 1e-2, so it is a
+  choice to measure on the test set (``wff bench --precision-check``), not a free speed-up.
 
-``serving.runtime`` chooses for the embedded target (:func:`make_runner`).
+``serving.runtime`` and ``serving.runtime_precision`` choose for the embedded target (:func:`make_runner`).
 
 ``chunk`` bounds the items per session run. The dynamic batcher hands the detector whole
 patients (up to serving.max_batch_detector slices, more when it merges requests), and ONNX
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
 _OV_TYPES = {"f32": np.float32, "i32": np.int32, "i64": np.int64}
 RUNTIMES = ("onnxruntime", "openvino")
+PRECISIONS = {"onnxruntime": ("f32",), "openvino": ("f32", "bf16")}
 
 
 class OnnxRunner:
@@ -40,7 +44,13 @@ class OnnxRunner:
     contract's output names, in the contract's dtypes, each with the same leading batch dim.
     """
 
-    def __init__(self, path: str | Path, contract: StepContract, threads: int, chunk: int | None = None) -> None:
+    precision = "f32"
+
+    def __init__(
+        self, path: str | Path, contract: StepContract, threads: int, chunk: int | None = None, precision: str = "f32"
+    ) -> None:
+        if precision != self.precision:
+            raise ValueError(f"{type(self).__name__} computes in {self.precision} only, got precision {precision!r}")
         if len(contract.inputs) != 1:
             raise ValueError(f"OnnxRunner serves steps with one input; {contract.name!r} has {len(contract.inputs)}")
         if threads < 1:
@@ -114,12 +124,20 @@ class OnnxRunner:
 
 
 class OpenVinoRunner(OnnxRunner):
-    """The same contract and chunking over OpenVINO's CPU plugin (fp32, one infer request)."""
+    """The same contract and chunking over OpenVINO's CPU plugin (f32 or bf16, one infer request)."""
+
+    def __init__(
+        self, path: str | Path, contract: StepContract, threads: int, chunk: int | None = None, precision: str = "f32"
+    ) -> None:
+        if precision not in PRECISIONS["openvino"]:
+            raise ValueError(f"unknown OpenVINO precision {precision!r}; expected one of {PRECISIONS['openvino']}")
+        self.precision = precision
+        super().__init__(path, contract, threads, chunk, precision)
 
     def _load(self, threads: int) -> None:
         import openvino as ov
 
-        config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
         self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
         self.request = self.compiled.create_infer_request()
 
@@ -141,9 +159,20 @@ class OpenVinoRunner(OnnxRunner):
         return [self.request.get_tensor(name).data.copy() for name in self.output_names]
 
 
-def make_runner(runtime: str, path: str | Path, contract: StepContract, threads: int, chunk: int | None = None) -> OnnxRunner:
-    """The runner of ``runtime`` (one of RUNTIMES) over ``path``."""
+def make_runner(
+    runtime: str, path: str | Path, contract: StepContract, threads: int, chunk: int | None = None, precision: str = "f32"
+) -> OnnxRunner:
+    """The runner of ``runtime`` (one of RUNTIMES) over ``path`` in ``precision`` (one of PRECISIONS[runtime])."""
+    check_runtime(runtime, precision)
     runners = {"onnxruntime": OnnxRunner, "openvino": OpenVinoRunner}
-    if runtime not in runners:
-        raise ValueError(f"unknown runtime {runtime!r}; expected one of {RUNTIMES}")
-    return runners[runtime](path, contract, threads, chunk)
+    return runners[runtime](path, contract, threads, chunk, precision)
+
+
+def check_runtime(runtime: str, precision: str) -> None:
+    """Raise ValueError naming the serving field when (runtime, precision) is not served."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"serving.runtime: unknown runtime {runtime!r}; expected one of {RUNTIMES}")
+    if precision not in PRECISIONS[runtime]:
+        raise ValueError(
+            f"serving.runtime_precision: runtime {runtime!r} computes in {PRECISIONS[runtime]}, got {precision!r}"
+        )

@@ -354,6 +354,37 @@ class TestOpenVinoRunner:
         with pytest.raises(ValueError, match="expected one of"):
             make_runner("tflite", tiny_artifacts / "detector.onnx", contracts_for(TINY).detector, threads=1)
 
+    def test_bf16_close_to_f32(self, tiny_artifacts):
+        """bf16 keeps the contract (names, dtypes, shapes) and stays near fp32 on the classifier's probabilities."""
+        from wff.contracts import contracts_for
+        from wff.ensemble.runtime import make_runner
+
+        contract = contracts_for(TINY).classifier
+        batch = np.random.default_rng(2).random((4, *contract.inputs[0].dims), dtype=np.float32)
+        f32 = make_runner("openvino", tiny_artifacts / "classifier.onnx", contract, threads=1, precision="f32")
+        bf16 = make_runner("openvino", tiny_artifacts / "classifier.onnx", contract, threads=1, precision="bf16")
+        assert bf16.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() in ("bf16", "f32")  # f32 where the CPU lacks bf16
+        expected, got = f32(batch), bf16(batch)
+        for spec in contract.outputs:
+            assert got[spec.name].dtype == expected[spec.name].dtype and got[spec.name].shape == expected[spec.name].shape
+        np.testing.assert_allclose(got["classifier_probs"], expected["classifier_probs"], atol=0.05)
+        detector = contracts_for(TINY).detector
+        slices = np.random.default_rng(3).random((2, *detector.inputs[0].dims), dtype=np.float32)
+        out = make_runner("openvino", tiny_artifacts / "detector.onnx", detector, threads=1, precision="bf16")(slices)
+        assert {o.name for o in detector.outputs} == set(out)
+
+    @pytest.mark.parametrize("runtime, precision, match", [
+        ("onnxruntime", "bf16", "serving.runtime_precision"),
+        ("openvino", "int4", "serving.runtime_precision"),
+        ("tflite", "f32", "serving.runtime"),
+    ])
+    def test_unserved_precision_named(self, runtime, precision, match):
+        """A runtime/precision pair that is not served is refused with the serving field to fix."""
+        from wff.ensemble.runtime import check_runtime
+
+        with pytest.raises(ValueError, match=match):
+            check_runtime(runtime, precision)
+
 
 class TestFlops:
     def test_deformable_convolution_counted(self):

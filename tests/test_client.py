@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from wff.cli import main
 from wff.training.dataset import load_records
-from wff.client.evaluate import Evaluation, diagnose_records, score
+from wff.client.evaluate import Evaluation, PatientResult, compare_evaluations, diagnose_records, score
 from wff.client.grpc_client import (
     DiagnosisError,
     RejectedInput,
@@ -124,6 +124,21 @@ class TestEvaluation:
         rows = list(csv.DictReader(open(tmp_path / "out.csv")))
         assert rows[2]["error"] and rows[0]["predicted_label"] == "malignant" and rows[0]["n_series"] == "2"
 
+
+    def test_compare_counts_changed_decisions(self):
+        """Two runs on the same patients: per strategy, decisions that flip and the largest score change; unmatched patients left out."""
+        def run(ds, extra=()):
+            results = [PatientResult(f"P{i}", 1, 0.1, diagnosis=fake_diagnosis(d, 0.8)) for i, d in enumerate(ds)]
+            results += [PatientResult(pid, 0, 0.1, error="rejected") for pid in extra]
+            return Evaluation(results, FusionSettings(), wall_s=1.0, table=score(results, FusionSettings()))
+
+        reference, other = run([0.9, 0.2, 0.6]), run([0.88, 0.7, 0.6], extra=["P9"])
+        comparison = compare_evaluations(reference, other)
+        assert (comparison["patients"], comparison["left_out"]) == (3, 1)
+        det = comparison["strategies"]["Det"]
+        assert det["decisions_changed"] == 1 and det["max_abs_dp"] == pytest.approx(0.5)  # P1: D 0.2 -> 0.7 flips
+        assert comparison["strategies"]["Seq"] == {"patients": 3, "decisions_changed": 0, "max_abs_dp": 0.0}  # M unchanged
+        assert set(comparison["table_other"]) == set(STRATEGIES)
 
     def test_locations_and_sequences_reach_the_dict(self, tmp_path):
         """labels.csv's location travels with each result: Fig. 6 and Fig. 7 are in the JSON dict."""

@@ -171,6 +171,33 @@ class TestCli:
         assert result.exit_code == 0, result.output
         assert (tmp_path / "r" / "detector" / "config.pbtxt").is_file()
 
+    def test_repo_build_serving_override(self, tiny_artifacts, tmp_path):
+        """--set serving.KEY=VALUE reaches the detector's config parameters and the profile the adapters read."""
+        from wff.config import load_profile
+
+        out = tmp_path / "r"
+        args = ["repo", "build", "--artifacts", str(tiny_artifacts), str(out), "--set", "serving.runtime_precision=bf16"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        cfg = read_config(out / "detector" / "config.pbtxt")
+        assert cfg.parameters["runtime_precision"].string_value == "bf16"
+        assert load_profile(out / "detector" / "1" / "profile.json").serving.runtime_precision == "bf16"
+
+    @pytest.mark.parametrize("override, message", [
+        ("serving.runtime_precision=fp8", "serving.runtime_precision"),
+        ("detector.top_k=2", "only serving.KEY=VALUE"),
+    ])
+    def test_repo_build_bad_override_named(self, tiny_artifacts, tmp_path, override, message):
+        """An override that cannot be served, or that is not a serving setting, is refused by name before anything is written."""
+        result = CliRunner().invoke(main, ["repo", "build", "--artifacts", str(tiny_artifacts), str(tmp_path / "r"), "--set", override])
+        assert result.exit_code != 0 and message in result.output
+        assert not (tmp_path / "r" / "detector" / "config.pbtxt").exists()
+
+    def test_override_needs_artifacts(self, tmp_path):
+        """--set without --artifacts is a usage error (a configs-only build has no trained profile to change)."""
+        result = CliRunner().invoke(main, ["repo", "build", str(tmp_path / "r"), "--set", "serving.runtime_threads=2"])
+        assert result.exit_code == 2 and "--set needs --artifacts" in result.output
+
     def test_repo_build_refuses_non_empty(self, tmp_path):
         """A non-empty OUT without --force is a clean error, not a traceback."""
         (tmp_path / "x").write_text("x")

@@ -112,7 +112,8 @@ class ServingConfig:
     instances_classifier: int = 1
     instances_python: int = 1  # preprocess, crop, fusion
     runtime_threads: int = 1  # intra-op threads of each CPU runtime session (per instance)
-    runtime: str = "openvino"  # embedded detector/classifier: "openvino" (~1.3x faster here) | "onnxruntime"; both fp32
+    runtime: str = "openvino"  # embedded detector/classifier: "openvino" (~1.3x faster here) | "onnxruntime"
+    runtime_precision: str = "f32"  # "f32" | "bf16" (OpenVINO only: bfloat16 arithmetic where the CPU has it; BENCHMARKS.md)
     runtime_chunk: int = 16  # served detector/classifier: items per runtime call within one batch (bounds activation memory)
     max_files: int = 512  # request limits (files per patient, bytes, slices, pixels per slice)
     max_bytes: int = 512 * 1024 * 1024

@@ -9,7 +9,36 @@ from pathlib import Path
 
 import click
 
-from wff.config import PROFILES
+from wff.config import PROFILES, Profile, ServingConfig
+
+SET_HELP = "Change a serving setting of the trained profile (with --artifacts; repeatable), e.g. serving.runtime_precision=bf16."
+
+
+def serving_overrides(profile: Profile, overrides: tuple[str, ...]) -> ServingConfig | None:
+    """``profile``'s serving section with ``serving.KEY=VALUE`` overrides applied (None without any).
+
+    Serving settings are deployment, not training; every other section is fixed by the trained models.
+    """
+    from wff.training.cli import apply_overrides
+
+    if not overrides:
+        return None
+    if any(not item.startswith("serving.") for item in overrides):
+        raise click.BadParameter("only serving.KEY=VALUE can change here (the rest is fixed by training)", param_hint="--set")
+    return apply_overrides(profile, overrides).serving
+
+
+def _trained_serving(artifacts: Path | None, overrides: tuple[str, ...]) -> ServingConfig | None:
+    from wff.config import load_profile
+
+    if not overrides:
+        return None
+    if artifacts is None:
+        raise click.UsageError("--set needs --artifacts (a built repository keeps the settings it was built with)")
+    try:
+        return serving_overrides(load_profile(artifacts / "profile.json"), overrides)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
 
 
 @click.group()
@@ -27,12 +56,15 @@ def repo() -> None:
               help="Profile for a configs-only repository (without --artifacts).")
 @click.option("--instance-kind", type=click.Choice(["KIND_CPU", "KIND_GPU"]), help="Override the detector/classifier instance kind.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
-def build(out: Path, target: str, artifacts: Path | None, profile_name: str, instance_kind: str | None, force: bool) -> None:
+@click.option("--set", "overrides", multiple=True, metavar="serving.KEY=VALUE", help=SET_HELP)
+def build(out: Path, target: str, artifacts: Path | None, profile_name: str, instance_kind: str | None, force: bool,
+          overrides: tuple[str, ...]) -> None:
     """Write a complete Triton model repository for TARGET into OUT."""
     from wff.serving.repository import build_repository
 
+    serving = _trained_serving(artifacts, overrides)
     try:
-        build_repository(out, target, artifacts, PROFILES[profile_name], instance_kind, overwrite=force)
+        build_repository(out, target, artifacts, PROFILES[profile_name], instance_kind, overwrite=force, serving=serving)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"{target} repository written to {out}" + ("" if artifacts else " (configs only: no --artifacts)"))
@@ -53,8 +85,10 @@ def build(out: Path, target: str, artifacts: Path | None, profile_name: str, ins
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="PEM server certificate: gRPC over TLS (clients: --ssl --root-certificates). Needs --tls-key.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="PEM private key of --tls-cert.")
+@click.option("--set", "overrides", multiple=True, metavar="serving.KEY=VALUE", help=SET_HELP)
 def serve(repository: Path | None, artifacts: Path | None, address: str, grpc_port: int, http_port: int, metrics_port: int,
-          log_verbose: int, log_file: Path | None, startup_timeout: float, tls_cert: Path | None, tls_key: Path | None) -> None:
+          log_verbose: int, log_file: Path | None, startup_timeout: float, tls_cert: Path | None, tls_key: Path | None,
+          overrides: tuple[str, ...]) -> None:
     """Run tritonserver on a model repository until Ctrl-C or SIGTERM."""
     from wff.serving.repository import build_repository
     from wff.serving.server import ServerError, TritonServer
@@ -63,10 +97,11 @@ def serve(repository: Path | None, artifacts: Path | None, address: str, grpc_po
         raise click.UsageError("give exactly one of --repository DIR or --artifacts DIR")
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("give both --tls-cert and --tls-key, or neither")
+    serving = _trained_serving(artifacts, overrides)
     with tempfile.TemporaryDirectory(prefix="wff-repo-") as tmp:
         if artifacts is not None:
             try:
-                repository = build_repository(Path(tmp) / "repository", "embedded", artifacts)
+                repository = build_repository(Path(tmp) / "repository", "embedded", artifacts, serving=serving)
             except (FileNotFoundError, ValueError) as e:
                 raise click.ClickException(str(e)) from e
         try:

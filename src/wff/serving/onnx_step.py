@@ -2,8 +2,9 @@
 
 Triton's dynamic batcher merges requests; TritonStep concatenates their batches into one
 session run. The step's contract is looked up by the model's name, so one class serves both.
-Runtime (ONNX Runtime or OpenVINO), threads and items per run: config parameters ``runtime``,
-``runtime_threads`` and ``runtime_chunk``, else the profile's serving section.
+Runtime (ONNX Runtime or OpenVINO), its precision, threads and items per run: config parameters
+``runtime``, ``runtime_precision``, ``runtime_threads`` and ``runtime_chunk``, else the profile's
+serving section.
 """
 
 from wff.config import load_profile
@@ -19,7 +20,8 @@ class OnnxRuntimeStep(TritonStep):
         chunk = int(self.parameter("runtime_chunk", str(profile.serving.runtime_chunk)))
         contract = contracts_for(profile).step(self.model_name)
         runtime = self.parameter("runtime", profile.serving.runtime)
-        self.runner = make_runner(runtime, self.version_dir / "model.onnx", contract, threads, chunk)
+        precision = self.parameter("runtime_precision", profile.serving.runtime_precision)
+        self.runner = make_runner(runtime, self.version_dir / "model.onnx", contract, threads, chunk, precision)
 
     def run(self, inputs):
         return self.runner(inputs[self.runner.input_spec.name])

@@ -39,6 +39,7 @@ from wff.config import SMALL, Profile, ServingConfig, load_profile
 from wff.contracts import Contracts, StepContract, TensorSpec, contracts_for
 from wff.ensemble.fusion import FusionSettings, load_fusion_settings
 from wff.ensemble.pipeline import check_artifacts
+from wff.ensemble.runtime import check_runtime
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,13 @@ def repository_configs(profile: Profile, target: str, settings: FusionSettings, 
     }
     for step, (instances, preferred) in batching.items():
         if target == "embedded":
-            params = {"runtime": sv.runtime, "runtime_threads": str(sv.runtime_threads), "runtime_chunk": str(sv.runtime_chunk)}
+            check_runtime(sv.runtime, sv.runtime_precision)
+            params = {
+                "runtime": sv.runtime,
+                "runtime_precision": sv.runtime_precision,
+                "runtime_threads": str(sv.runtime_threads),
+                "runtime_chunk": str(sv.runtime_chunk),
+            }
         elif target == "onnxruntime":
             params = {"intra_op_thread_count": str(sv.runtime_threads), "inter_op_thread_count": "1"}
         else:

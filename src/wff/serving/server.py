@@ -458,6 +458,24 @@ def process_tree_rss(pid: int) -> int:
     return sum(process_rss(p) for p in [pid, *child_pids(pid)])
 
 
+def process_pss(pid: int) -> int:
+    """Proportional set size of one process in bytes (shared pages split among their users); 0 when it has gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass  # a stub that exited between listing and reading counts as 0
+    return 0
+
+
+def process_tree_pss(pid: int) -> int:
+    """Memory of ``pid`` and all its descendants in bytes, each shared page once: the Python backend's
+    shared-memory regions are mapped by tritonserver and a stub each, which a sum of RSS counts twice."""
+    return sum(process_pss(p) for p in [pid, *child_pids(pid)])
+
+
 def _stub_model(pid: int) -> str | None:
     """The model a backend stub serves: its first argument is <repository>/<model>/<version>/model.py."""
     try:
