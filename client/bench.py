@@ -23,7 +23,6 @@ import contextlib
 import itertools
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,7 +33,7 @@ import numpy as np
 
 from wff.client.metrics import custom_counters, delta, fetch_metrics, per_model, summarise
 from wff.contracts import ENSEMBLE_NAME
-from wff.serving.server import process_pss
+from wff.serving.server import process_tree_pss
 
 log = logging.getLogger(__name__)
 
@@ -179,31 +178,6 @@ def load_patients(dataset: str | Path, split: str | None, limit: int) -> list[Be
 # memory of the server's process tree
 
 
-def _children(pid: int) -> list[int]:
-    """Direct children of ``pid``, from /proc/*/stat (field 4 is the parent pid)."""
-    out = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended meanwhile
-        if int(fields[1]) == pid:
-            out.append(int(entry.name))
-    return out
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (the server and its Python-backend stubs)."""
-    tree, frontier = [pid], [pid]
-    while frontier:
-        frontier = [c for p in frontier for c in _children(p)]
-        tree.extend(frontier)
-    return tree
-
-
 class TreeMemory:
     """Samples the summed PSS of a process tree in a thread; ``peak_mib`` after ``stop()``."""
 
@@ -216,7 +190,7 @@ class TreeMemory:
         self._thread = threading.Thread(target=self._run, name="wff-bench-memory", daemon=True)
 
     def sample(self) -> int:
-        total = sum(process_pss(p) for p in process_tree(self.pid))
+        total = process_tree_pss(self.pid)
         self.peak_bytes = max(self.peak_bytes, total)
         return total
 

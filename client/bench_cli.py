@@ -27,6 +27,7 @@ from wff.client.bench import (
     load_patients,
     parse_concurrency,
 )
+from wff.serving.cli import trained_serving
 
 DEFAULT_DURATION_S = 20.0
 
@@ -34,15 +35,6 @@ DEFAULT_DURATION_S = 20.0
 def _fail(message: str, code: int = 2) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
-
-
-def _serving_overrides(artifacts: Path, overrides: tuple[str, ...]):
-    """The trained profile's serving section with ``serving.KEY=VALUE`` overrides applied."""
-    from wff.config import load_profile
-    from wff.serving.cli import serving_overrides
-
-    profile = load_profile(artifacts / "profile.json")
-    return serving_overrides(profile, overrides) or profile.serving
 
 
 def machine() -> dict:
@@ -121,7 +113,7 @@ def bench(artifacts, url, metrics_url, server_pid, dataset, split, n_patients, c
             check_loopback(url)
             metrics_url = metrics_url or f"{url.rsplit(':', 1)[0]}:8002"
             check_loopback(metrics_url.removeprefix("http://").split("/")[0])
-        serving = _serving_overrides(artifacts, overrides) if overrides else None
+        serving = trained_serving(artifacts, overrides)
         patients = load_patients(dataset, None if split == "all" else split, n_patients)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))

@@ -14,7 +14,7 @@ each shared page counted once, so the Python backend's shared-memory regions, ma
 server and by a stub each, are not counted twice) is sampled at launch, every
 ``sample_every_s`` and at the end. The first ``warmup_s`` are the same mixed load at full
 concurrency, unscored for memory: the allocators and the shared-memory regions grow to what
-this load needs (measured: about 2 minutes on the 2-core machine). Growth is the least-squares
+this load needs (fast in the first minutes; BENCHMARKS.md has the measured runs). Growth is the least-squares
 trend of the samples after the warm-up times their time span, so a leak shows as a steady
 climb and one sample's spike does not decide it. The soak passes when no good request
 failed, every bad one was rejected, the server still runs and growth is within

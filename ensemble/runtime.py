@@ -7,7 +7,7 @@
   profile's detector and matches it to 6e-5 on boxes. ``precision="bf16"`` asks for bfloat16
   arithmetic (OpenVINO keeps fp32 where the CPU lacks it, and for the ops it never lowers):
   faster on CPUs with AVX512-BF16 or AMX, but the outputs move by about 1e-2, so it is a
-  choice to measure on the test set (``wff bench --precision-check``), not a free speed-up.
+  choice to measure on the test set (``scripts/precision_check.sh``), not a free speed-up.
 
 ``serving.runtime`` and ``serving.runtime_precision`` choose for the embedded target (:func:`make_runner`).
 
@@ -44,13 +44,13 @@ class OnnxRunner:
     contract's output names, in the contract's dtypes, each with the same leading batch dim.
     """
 
-    precision = "f32"
+    runtime = "onnxruntime"  # key of PRECISIONS
 
     def __init__(
         self, path: str | Path, contract: StepContract, threads: int, chunk: int | None = None, precision: str = "f32"
     ) -> None:
-        if precision != self.precision:
-            raise ValueError(f"{type(self).__name__} computes in {self.precision} only, got precision {precision!r}")
+        check_runtime(self.runtime, precision)
+        self.precision = precision
         if len(contract.inputs) != 1:
             raise ValueError(f"OnnxRunner serves steps with one input; {contract.name!r} has {len(contract.inputs)}")
         if threads < 1:
@@ -126,13 +126,7 @@ class OnnxRunner:
 class OpenVinoRunner(OnnxRunner):
     """The same contract and chunking over OpenVINO's CPU plugin (f32 or bf16, one infer request)."""
 
-    def __init__(
-        self, path: str | Path, contract: StepContract, threads: int, chunk: int | None = None, precision: str = "f32"
-    ) -> None:
-        if precision not in PRECISIONS["openvino"]:
-            raise ValueError(f"unknown OpenVINO precision {precision!r}; expected one of {PRECISIONS['openvino']}")
-        self.precision = precision
-        super().__init__(path, contract, threads, chunk, precision)
+    runtime = "openvino"
 
     def _load(self, threads: int) -> None:
         import openvino as ov
@@ -163,8 +157,9 @@ def make_runner(
     runtime: str, path: str | Path, contract: StepContract, threads: int, chunk: int | None = None, precision: str = "f32"
 ) -> OnnxRunner:
     """The runner of ``runtime`` (one of RUNTIMES) over ``path`` in ``precision`` (one of PRECISIONS[runtime])."""
-    check_runtime(runtime, precision)
-    runners = {"onnxruntime": OnnxRunner, "openvino": OpenVinoRunner}
+    runners = {r.runtime: r for r in (OnnxRunner, OpenVinoRunner)}
+    if runtime not in runners:
+        check_runtime(runtime, precision)  # raises, naming serving.runtime
     return runners[runtime](path, contract, threads, chunk, precision)
 
 

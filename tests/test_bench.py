@@ -25,13 +25,13 @@ from wff.client.bench import (
     model_deltas,
     parse_concurrency,
     percentile_ms,
-    process_tree,
     result_row,
     settled_snapshot,
     TreeMemory,
 )
 from wff.client.metrics import parse_metrics, per_model
 from wff.serving.custom_metrics import OTHER_REASON, rejection_reason
+from wff.serving.server import child_pids
 
 ROW_FIELDS = {"pipeline", "concurrency", "patients_per_s", "slices_per_s", "p50_ms", "p95_ms", "p99_ms", "errors"}
 SLICES_PER_PATIENT = 10  # two series of 5 slices (see bench_dataset)
@@ -213,7 +213,7 @@ class TestMemory:
 
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
         try:
-            assert child.pid in process_tree(os.getpid())
+            assert child.pid in child_pids(os.getpid())
             with TreeMemory(os.getpid(), interval_s=0.05) as memory:
                 pass
             assert memory.peak_mib > 1

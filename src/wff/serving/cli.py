@@ -28,15 +28,24 @@ def serving_overrides(profile: Profile, overrides: tuple[str, ...]) -> ServingCo
     return apply_overrides(profile, overrides).serving
 
 
-def _trained_serving(artifacts: Path | None, overrides: tuple[str, ...]) -> ServingConfig | None:
+def trained_serving(artifacts: Path | None, overrides: tuple[str, ...]) -> ServingConfig | None:
+    """The serving section of the run in ``artifacts`` with ``--set`` overrides applied (None without any).
+
+    Raises FileNotFoundError or ValueError for a missing or bad profile.json and click errors for bad ``--set`` use.
+    """
     from wff.config import load_profile
 
     if not overrides:
         return None
     if artifacts is None:
         raise click.UsageError("--set needs --artifacts (a built repository keeps the settings it was built with)")
+    return serving_overrides(load_profile(artifacts / "profile.json"), overrides)
+
+
+def _trained_serving(artifacts: Path | None, overrides: tuple[str, ...]) -> ServingConfig | None:
+    """:func:`trained_serving` with file and value errors as click errors (wff repo build, wff serve)."""
     try:
-        return serving_overrides(load_profile(artifacts / "profile.json"), overrides)
+        return trained_serving(artifacts, overrides)
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from e
 
