@@ -67,6 +67,7 @@ class SoakReport:
     memory_samples: list = field(default_factory=list)  # [seconds since the load started, bytes]
     max_growth_bytes: int = DEFAULT_MAX_GROWTH_BYTES
     server_alive: bool = True
+    server_allocator: str | None = None  # library preloaded into tritonserver ("glibc": none), when this soak started it
 
     @property
     def passed(self) -> bool:
@@ -91,7 +92,8 @@ class SoakReport:
             f"{self.bad_accepted} accepted, {self.bad_other_error} other errors",
             f"  server PSS (tritonserver + stubs): launch {mib(self.memory_launch_bytes)}, after warm-up {mib(self.memory_start_bytes)}, "
             f"end {mib(self.memory_end_bytes)}, max {mib(self.memory_max_bytes)}, trend growth {mib(self.memory_growth_bytes)} "
-            f"(limit {mib(self.max_growth_bytes)}); server {'running' if self.server_alive else 'GONE'}",
+            f"(limit {mib(self.max_growth_bytes)}); server {'running' if self.server_alive else 'GONE'}"
+            + (f"; allocator {self.server_allocator}" if self.server_allocator else ""),
         ]
         for kind, messages in self.failures.items():
             lines += [f"  {kind}: {m}" for m in messages]

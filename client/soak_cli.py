@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from wff.client.cli import certs_option, ssl_option
+from wff.serving.cli import SET_HELP, trained_serving
 
 
 def _patients(dataset: Path | None, split: str | None, patient_dirs: tuple[Path, ...], max_patients: int) -> list:
@@ -49,12 +50,13 @@ def _patients(dataset: Path | None, split: str | None, patient_dirs: tuple[Path,
 @click.option("--sample-every", "sample_every_s", default=5.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds between memory samples.")
 @click.option("--max-growth-mib", default=64.0, show_default=True, type=click.FloatRange(min=0), help="Allowed memory growth (trend) after the warm-up.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="serving.KEY=VALUE", help=SET_HELP)
 @ssl_option
 @certs_option
 @click.option("--json", "json_out", metavar="FILE|-", help="Write the report (counts, latencies, memory samples) as JSON.")
 def soak(url: str | None, repository: Path | None, artifacts: Path | None, dataset: Path | None, split: str | None,
          patient_dirs: tuple[Path, ...], max_patients: int, minutes: float, warmup_minutes: float, concurrency: int, bad_fraction: float,
-         sample_every_s: float, max_growth_mib: float, seed: int, ssl: bool, root_certificates: str | None, json_out: str | None) -> None:
+         sample_every_s: float, max_growth_mib: float, seed: int, overrides: tuple[str, ...], ssl: bool, root_certificates: str | None, json_out: str | None) -> None:
     """Send good and bad patients at full concurrency for --minutes; exit 1 unless every good one was diagnosed,
     every bad one rejected, the server survived and its memory did not grow beyond --max-growth-mib."""
     from wff.client.grpc_client import DiagnosisError
@@ -65,6 +67,10 @@ def soak(url: str | None, repository: Path | None, artifacts: Path | None, datas
 
     if sum(x is not None for x in (url, repository, artifacts)) != 1:
         raise click.UsageError("give exactly one of --url HOST:PORT, --repository DIR or --artifacts DIR")
+    try:
+        serving = trained_serving(artifacts, overrides)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
     patients = _patients(dataset, split, patient_dirs, max_patients)
     settings = dict(duration_s=minutes * 60, warmup_s=warmup_minutes * 60, concurrency=concurrency, bad_fraction=bad_fraction, sample_every_s=sample_every_s,
                     max_growth_bytes=int(max_growth_mib * MIB), seed=seed, ssl=ssl, root_certificates=root_certificates)
@@ -77,11 +83,13 @@ def soak(url: str | None, repository: Path | None, artifacts: Path | None, datas
                 report = asyncio.run(run_soak(url, patients, server_pid=pid, **settings))
             else:
                 if artifacts is not None:
-                    repository = build_repository(Path(tmp) / "repository", "embedded", artifacts)
+                    repository = build_repository(Path(tmp) / "repository", "embedded", artifacts, serving=serving)
                 with TritonServer(repository, grpc_port=0, http_port=0, metrics_port=0) as server:
-                    click.echo(f"tritonserver ready (log {server.log_file}); soaking for {minutes:g} min", err=True)
+                    allocator = str(server.server_preload or "glibc")
+                    click.echo(f"tritonserver ready (log {server.log_file}, allocator {allocator}); soaking for {minutes:g} min", err=True)
                     report = asyncio.run(run_soak(server.grpc_url, patients, server_pid=server.process.pid,
                                                   is_alive=server.is_running, **settings))
+                    report.server_allocator = allocator
                     if server.stub_restarts:
                         report.failures["backend stub restarts"] = [str(r) for r in server.stub_restarts]
         except (ServerError, DiagnosisError, FileNotFoundError, ValueError) as e:

@@ -26,6 +26,11 @@ TIMING_CACHE="${WFF_TRT_TIMING_CACHE:-$STATE/tensorrt_timing.cache}"
 SHM_DEFAULT_BYTES="${WFF_PYTHON_SHM_DEFAULT_BYTES:-67108864}"
 SHM_GROWTH_BYTES="${WFF_PYTHON_SHM_GROWTH_BYTES:-67108864}"
 LOG_VERBOSE="${WFF_LOG_VERBOSE:-0}"
+# tritonserver's allocator: under sustained load glibc's malloc kept the server process growing
+# (BENCHMARKS.md, soak); the NGC image ships jemalloc. jemalloc | glibc | a library path. The
+# Python-backend stubs keep glibc: a stub wrapper in $STATE/backends clears LD_PRELOAD for them.
+SERVER_MALLOC="${WFF_SERVER_MALLOC:-jemalloc}"
+TRITON_BACKENDS="${WFF_TRITON_BACKENDS:-/opt/tritonserver/backends}"
 
 log() { echo "[wff-entrypoint] $*" >&2; }
 
@@ -54,8 +59,51 @@ prepare() {
     fi
 }
 
+server_preload() {  # prints the library to preload into tritonserver (nothing for glibc)
+    case "$SERVER_MALLOC" in
+        glibc) ;;
+        jemalloc)
+            local lib
+            for lib in /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2; do
+                [[ -f "$lib" ]] && { echo "$lib"; return; }
+            done
+            log "WFF_SERVER_MALLOC=jemalloc but libjemalloc.so.2 is not installed: tritonserver runs on glibc malloc" ;;
+        *)
+            [[ -f "$SERVER_MALLOC" ]] || { log "WFF_SERVER_MALLOC=$SERVER_MALLOC: no such library (jemalloc, glibc or a path)"; exit 2; }
+            echo "$SERVER_MALLOC" ;;
+    esac
+}
+
+stub_backends() {  # $TRITON_BACKENDS with a Python stub that does not inherit LD_PRELOAD; prints its path
+    local dst="$STATE/backends" item
+    if [[ ! -f "$TRITON_BACKENDS/python/triton_python_backend_stub" ]]; then
+        log "no Python backend stub in $TRITON_BACKENDS/python (set WFF_TRITON_BACKENDS, or WFF_SERVER_MALLOC=glibc)"
+        exit 2
+    fi
+    rm -rf "$dst"
+    mkdir -p "$dst/python"
+    for item in "$TRITON_BACKENDS"/*; do
+        [[ "$(basename "$item")" == python ]] || ln -s "$item" "$dst/"
+    done
+    for item in "$TRITON_BACKENDS"/python/*; do
+        [[ "$(basename "$item")" == triton_python_backend_stub ]] || ln -s "$item" "$dst/python/"
+    done
+    printf '#!/bin/sh\nunset LD_PRELOAD\nexec %q "$@"\n' "$TRITON_BACKENDS/python/triton_python_backend_stub" > "$dst/python/triton_python_backend_stub"
+    chmod 755 "$dst/python/triton_python_backend_stub"
+    echo "$dst"
+}
+
 serve() {
     prepare
+    local preload backend_args=()
+    preload="$(server_preload)"
+    if [[ -n "$preload" ]]; then
+        local backends
+        backends="$(stub_backends)"
+        backend_args=(--backend-directory="$backends")
+        export LD_PRELOAD="$preload"
+        log "tritonserver allocator: $preload (backend stubs: glibc)"
+    fi
     local gpu_metrics=true
     [[ "$INSTANCE_KIND" == KIND_CPU ]] && gpu_metrics=false
     log "starting tritonserver on $REPOSITORY (HTTP 8000, gRPC 8001, metrics 8002)"
@@ -67,6 +115,7 @@ serve() {
         --backend-config=python,shm-growth-byte-size="$SHM_GROWTH_BYTES" \
         --exit-on-error=true \
         --log-verbose="$LOG_VERBOSE" \
+        "${backend_args[@]}" \
         "$@"
 }
 

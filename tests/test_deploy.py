@@ -110,9 +110,10 @@ def fake_tritonserver(tmp_path):
     bin_dir.mkdir()
     record = tmp_path / "tritonserver.args"
     fake = bin_dir / "tritonserver"
-    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\n')
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\necho "${{LD_PRELOAD:-}}" > {record}.preload\n')
     fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "WFF_SERVER_MALLOC": "glibc"}
     return env, record
 
 
@@ -135,6 +136,43 @@ class TestEntrypoint:
         assert {"--http-port=8000", "--grpc-port=8001", "--metrics-port=8002", "--allow-metrics=true",
                 "--allow-gpu-metrics=false", "--backend-config=python,shm-default-byte-size=67108864",
                 "--backend-config=python,shm-growth-byte-size=67108864", "--log-info=true"} <= set(args)
+
+    def test_server_malloc_preloads_tritonserver_not_stubs(self, fake_tritonserver, tiny_artifacts, tmp_path):
+        """WFF_SERVER_MALLOC=LIB: tritonserver gets LD_PRELOAD=LIB and a backend directory whose Python stub clears it."""
+        env, record = fake_tritonserver
+        backends = tmp_path / "backends"
+        (backends / "python").mkdir(parents=True)
+        (backends / "onnxruntime").mkdir()
+        (backends / "python" / "libtriton_python.so").write_bytes(b"")
+        stub = backends / "python" / "triton_python_backend_stub"
+        stub.write_text('#!/bin/sh\necho "stub $1 LD_PRELOAD=${LD_PRELOAD:-unset}"\n')
+        stub.chmod(0o755)
+        lib = tmp_path / "libfake.so"
+        lib.write_bytes(b"")
+        state = tmp_path / "state"
+        result = run_entrypoint(env, "serve", WFF_ARTIFACTS=str(tiny_artifacts), WFF_STATE=str(state), WFF_TARGET="onnxruntime",
+                                WFF_INSTANCE_KIND="KIND_CPU", WFF_SERVER_MALLOC=str(lib), WFF_TRITON_BACKENDS=str(backends))
+        assert result.returncode == 0, result.stderr
+        assert f"--backend-directory={state / 'backends'}" in record.read_text().split()
+        assert Path(f"{record}.preload").read_text().strip() == str(lib)
+        assert (state / "backends" / "onnxruntime").resolve() == backends / "onnxruntime"
+        assert (state / "backends" / "python" / "libtriton_python.so").resolve() == backends / "python" / "libtriton_python.so"
+        wrapped = subprocess.run([str(state / "backends" / "python" / "triton_python_backend_stub"), "model.py"],
+                                 env={**os.environ, "LD_PRELOAD": str(lib)}, capture_output=True, text=True, timeout=10)
+        assert wrapped.stdout.strip() == "stub model.py LD_PRELOAD=unset"
+
+    def test_server_malloc_glibc_and_bad_values(self, fake_tritonserver, tiny_artifacts, tmp_path):
+        env, record = fake_tritonserver
+        common = dict(WFF_ARTIFACTS=str(tiny_artifacts), WFF_STATE=str(tmp_path / "state"), WFF_TARGET="onnxruntime", WFF_INSTANCE_KIND="KIND_CPU")
+        result = run_entrypoint(env, "serve", **common)  # the fixture's glibc
+        assert result.returncode == 0, result.stderr
+        assert "--backend-directory" not in record.read_text() and Path(f"{record}.preload").read_text().strip() == ""
+        record.unlink()
+        missing = run_entrypoint(env, "serve", **common, WFF_SERVER_MALLOC=str(tmp_path / "nothing.so"))
+        assert missing.returncode == 2 and "nothing.so: no such library" in missing.stderr and not record.exists()
+        no_stub = run_entrypoint(env, "serve", **common, WFF_SERVER_MALLOC=str(tiny_artifacts / "profile.json"),
+                                 WFF_TRITON_BACKENDS=str(tmp_path))
+        assert no_stub.returncode == 2 and "no Python backend stub" in no_stub.stderr and not record.exists()
 
     def test_prepare_is_idempotent_and_follows_artifacts(self, fake_tritonserver, tiny_artifacts, tmp_path):
         """A second prepare keeps the repository; changed artifacts rebuild it."""

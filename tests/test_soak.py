@@ -20,7 +20,7 @@ def test_short_soak_passes(tiny_artifacts, dicom_patient, tmp_path):
     rejected, memory sampled."""
     out = tmp_path / "soak.json"
     args = ["soak", "--artifacts", str(tiny_artifacts), "--patient", str(dicom_patient), "--minutes", str(SHORT_SOAK_MINUTES), "--warmup-minutes", "0.1",
-            "--concurrency", "4", "--bad-fraction", "0.4", "--sample-every", "1", "--json", str(out)]
+            "--concurrency", "4", "--bad-fraction", "0.4", "--sample-every", "1", "--set", "serving.server_malloc=glibc", "--json", str(out)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -28,6 +28,7 @@ def test_short_soak_passes(tiny_artifacts, dicom_patient, tmp_path):
     assert report["bad_rejected"] == report["bad_sent"] > 10
     assert set(report["bad_by_kind"]) == set(bad_variants(read_patient_files(dicom_patient)))
     assert report["memory_start_bytes"] > 50 * MIB and report["memory_growth_bytes"] is not None and report["server_alive"]
+    assert report["server_allocator"] == "glibc"  # the --set override reached the server
     assert len(report["memory_samples"]) >= 20 and report["memory_samples"][0][0] < 6 <= report["memory_samples"][-1][0] - 18
     print(f"\n{result.output}")
 

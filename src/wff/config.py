@@ -114,6 +114,12 @@ class ServingConfig:
     runtime_threads: int = 1  # intra-op threads of each CPU runtime session (per instance)
     runtime: str = "openvino"  # embedded detector/classifier: "openvino" (~1.3x faster here) | "onnxruntime"
     runtime_precision: str = "f32"  # "f32" | "bf16" (OpenVINO only: bfloat16 arithmetic where the CPU has it; BENCHMARKS.md)
+    # tritonserver's own allocator (its backend stubs keep glibc): "auto" (jemalloc when installed, else glibc) | "glibc" |
+    # "jemalloc" | a library path; glibc's arenas made the server process grow for as long as the soak ran (BENCHMARKS.md)
+    server_malloc: str = "auto"
+    # Python-backend shared-memory region of each instance, in largest patients (max_slices slices) it holds before
+    # growing: regions never shrink, and under load grew from one patient's size to 2-3 (BENCHMARKS.md, soak)
+    shm_patients: int = 4
     runtime_chunk: int = 16  # served detector/classifier: items per runtime call within one batch (bounds activation memory)
     max_files: int = 512  # request limits (files per patient, bytes, slices, pixels per slice)
     max_bytes: int = 512 * 1024 * 1024

@@ -11,8 +11,11 @@ The wheel's server needs three things set up around it, done here:
 * ``LD_LIBRARY_PATH`` with the wheel's bundled libraries (nvidia_pytriton.libs) and this
   Python's bin folder first in ``PATH``, so the stub imports this environment's packages
   (``wff`` included);
-* Python-backend shared memory big enough for one patient's slices (:func:`shm_bytes_for`), and
-  a region prefix unique to this server so several servers on one machine do not collide.
+* Python-backend shared memory big enough for a few patients' slices (:func:`shm_bytes_for`), and
+  a region prefix unique to this server so several servers on one machine do not collide;
+* ``serving.server_malloc``: tritonserver itself on jemalloc where it is installed (glibc's malloc
+  kept the server process growing under load), its backend stubs on glibc (a stub wrapper clears
+  ``LD_PRELOAD``; the OpenVINO stub does not start with jemalloc preloaded).
 
 Port 0 picks a free port. The server's output goes to a log file; on a failed start the
 exception carries its last lines.
@@ -43,6 +46,7 @@ import ipaddress
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -62,9 +66,11 @@ MIB = 1024 * 1024
 # Each Python-backend model instance passes tensors to and from its stub through a shared-memory
 # region that starts at shm-default-byte-size and grows by shm-growth-byte-size. Measured with the
 # small profile: an 84-slice patient (84 x 1 x 256 x 256 x 4 B = 22 MiB of slices) grows the
-# preprocess, detector and crop regions to 23-27 MiB. The default region is therefore sized for
-# the largest patient the repository accepts (serving.max_slices slices), so the first patient
-# does not pay for growth; the regions are real /dev/shm memory (5 Python models x the default).
+# preprocess, detector and crop regions to 23-27 MiB; at concurrency 8 (merged batches) they grew
+# to 64-80 MiB and never shrank, which the soak saw as memory growth. The default region is
+# therefore sized for serving.shm_patients of the largest patients the repository accepts
+# (serving.max_slices slices), so the load does not pay for growth; the regions are /dev/shm
+# memory (one per Python-backend instance), resident only where touched.
 SHM_HEADROOM = 1.25  # slices plus the step's other tensors and the backend's bookkeeping
 SHM_FALLBACK_BYTES = 32 * MIB  # when the repository has no profile.json to size from
 SHM_GROWTH_BYTES = 16 * MIB
@@ -73,6 +79,7 @@ STOP_TIMEOUT_S = 20.0
 EXIT_TIMEOUT_S = 5  # tritonserver waits this long for open client connections and in-flight requests
 LOG_TAIL_LINES = 40
 STUB_NAME = "triton_python_backend_stub"
+JEMALLOC_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 STUB_CHECK_S = 0.5  # how often the watchdog looks for dead backend stubs
 RELOAD_TIMEOUT_S = 120.0
 RELOAD_PARAMETER = "wff_reloaded_after_stub_death"  # config parameter that makes a reload a new model
@@ -96,8 +103,13 @@ def _pytriton_dirs() -> tuple[Path, Path]:
     return root, libs
 
 
-def prepare_backends(dest: Path) -> Path:
-    """A backend directory with ``python/`` for the running interpreter; returns ``dest``."""
+def prepare_backends(dest: Path, stub_env_unset: tuple[str, ...] = ()) -> Path:
+    """A backend directory with ``python/`` for the running interpreter; returns ``dest``.
+
+    ``stub_env_unset`` names environment variables the backend stubs must not inherit from
+    tritonserver (``LD_PRELOAD`` when the server alone runs on another allocator): the stub is
+    then a two-line shell script that unsets them and execs the wheel's stub.
+    """
     root, _ = _pytriton_dirs()
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / py / "triton_python_backend_stub"
@@ -106,23 +118,65 @@ def prepare_backends(dest: Path) -> Path:
         raise ServerError(f"no Python backend stub for Python {py}; the wheel has {available}")
     python = dest / "python"
     python.mkdir(parents=True, exist_ok=True)
-    for src in (root / "backends/python/libtriton_python.so", root / "backends/python/triton_python_backend_utils.py", stub):
+    for src in (root / "backends/python/libtriton_python.so", root / "backends/python/triton_python_backend_utils.py"):
         link = python / src.name
         if not link.exists():
             link.symlink_to(src)
+    target = python / stub.name
+    if target.exists() or target.is_symlink():
+        target.unlink()
+    if stub_env_unset:
+        target.write_text(f"#!/bin/sh\nunset {' '.join(stub_env_unset)}\nexec {shlex.quote(str(stub))} \"$@\"\n")
+        target.chmod(0o755)
+    else:
+        target.symlink_to(stub)
     return dest
 
 
 def shm_bytes_for(repository: Path) -> int:
-    """Default Python-backend region for the repository's largest patient, rounded up to 8 MiB."""
+    """Default Python-backend region: serving.shm_patients of the repository's largest patients, rounded up to 8 MiB."""
     from wff.config import load_profile
 
     path = repository / "preprocess" / "1" / "profile.json"
     if not path.is_file():
         return SHM_FALLBACK_BYTES
     profile = load_profile(path)
-    need = SHM_HEADROOM * profile.serving.max_slices * profile.image.size**2 * 4  # float32 slices
+    need = profile.serving.shm_patients * SHM_HEADROOM * profile.serving.max_slices * profile.image.size**2 * 4  # float32 slices
     return int(-(-need // (8 * MIB)) * 8 * MIB)
+
+
+def server_malloc_for(repository: Path) -> str:
+    """``serving.server_malloc`` of the repository's profile ("auto" for a repository without one)."""
+    from wff.config import load_profile
+
+    path = repository / "preprocess" / "1" / "profile.json"
+    return load_profile(path).serving.server_malloc if path.is_file() else "auto"
+
+
+def find_jemalloc() -> Path | None:
+    """libjemalloc's path on this machine (Debian/Ubuntu package libjemalloc2, RHEL jemalloc), or None."""
+    for folder in JEMALLOC_DIRS:
+        for name in ("libjemalloc.so.2", "libjemalloc.so"):
+            if (Path(folder) / name).is_file():
+                return Path(folder) / name
+    return None
+
+
+def resolve_malloc(setting: str) -> Path | None:
+    """The library tritonserver preloads for ``serving.server_malloc`` (None: glibc's malloc)."""
+    if setting == "glibc":
+        return None
+    if setting in ("auto", "jemalloc"):
+        lib = find_jemalloc()
+        if lib is None and setting == "jemalloc":
+            raise ServerError("serving.server_malloc=jemalloc but libjemalloc is not installed in "
+                              f"{', '.join(JEMALLOC_DIRS)}: install it (Debian/Ubuntu: apt install libjemalloc2), "
+                              "give its path as serving.server_malloc, or set serving.server_malloc=glibc")
+        return lib
+    lib = Path(setting)
+    if not lib.is_file():
+        raise ServerError(f"serving.server_malloc: {setting!r} is neither auto, glibc, jemalloc nor the path of a shared library")
+    return lib.resolve()
 
 
 def free_port(address: str = "127.0.0.1") -> int:
@@ -151,6 +205,7 @@ class TritonServer:
         tls_key: str | Path | None = None,
         restart_stubs: bool = True,
         restrict_repository_api: bool | None = None,
+        server_malloc: str | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
@@ -170,6 +225,8 @@ class TritonServer:
         self.shm_default_bytes = shm_default_bytes or shm_bytes_for(self.repository)
         self.shm_growth_bytes = shm_growth_bytes
         self.exit_timeout_s = exit_timeout_s
+        self.server_malloc = server_malloc if server_malloc is not None else server_malloc_for(self.repository)
+        self.server_preload = resolve_malloc(self.server_malloc)
         self._tmp = tempfile.TemporaryDirectory(prefix="wff-triton-")
         self.log_file = Path(log_file) if log_file else Path(self._tmp.name) / "tritonserver.log"
         self.process: subprocess.Popen | None = None
@@ -241,12 +298,15 @@ class TritonServer:
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        if self.server_preload is not None:
+            env["LD_PRELOAD"] = str(self.server_preload)
         return env
 
     def start(self) -> "TritonServer":
         if self.process is not None:
             raise ServerError("this server is already started")
-        backend_dir = prepare_backends(Path(self._tmp.name) / "backends")
+        stub_env_unset = ("LD_PRELOAD",) if self.server_preload is not None else ()
+        backend_dir = prepare_backends(Path(self._tmp.name) / "backends", stub_env_unset)
         started = time.monotonic()
         with open(self.log_file, "wb") as out:
             self.process = subprocess.Popen(
@@ -257,7 +317,8 @@ class TritonServer:
                 env=self.environment(),
                 start_new_session=True,  # its own process group: stop() reaches the backend stubs too
             )
-        log.info("tritonserver pid %d on %s (log %s)", self.process.pid, self.repository, self.log_file)
+        log.info("tritonserver pid %d on %s (log %s), allocator %s", self.process.pid, self.repository, self.log_file,
+                 self.server_preload.name if self.server_preload else "glibc")
         try:
             self._wait_ready(started)
         except BaseException:

@@ -1,0 +1,83 @@
+"""serving.server_malloc: which allocator tritonserver runs on, and that its backend stubs keep glibc's.
+
+The served test preloads this machine's libm (present everywhere, harmless) instead of jemalloc,
+which a fresh machine may lack: what is checked is the mechanism, LD_PRELOAD reaching
+tritonserver and being cleared for every stub, with diagnoses still served.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from wff.client.grpc_client import DiagnosisClient, read_patient_files
+from wff.serving import server as server_mod
+from wff.serving.repository import build_repository
+from wff.serving.server import ServerError, TritonServer, prepare_backends, resolve_malloc, server_malloc_for
+
+
+def loaded_library(fragment: str) -> Path:
+    """Path of a shared library this test process has mapped (e.g. libm)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        path = line.split()[-1]
+        if fragment in Path(path).name and Path(path).is_file():
+            return Path(path)
+    raise AssertionError(f"no {fragment} mapped in this process")
+
+
+def environ(pid: int) -> dict[str, str]:
+    items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(i.decode(errors="replace").split("=", 1) for i in items if b"=" in i)
+
+
+class TestResolve:
+    def test_glibc_preloads_nothing(self):
+        assert resolve_malloc("glibc") is None
+
+    def test_auto_uses_jemalloc_when_installed(self, tmp_path, monkeypatch):
+        monkeypatch.setattr(server_mod, "JEMALLOC_DIRS", (str(tmp_path),))
+        assert resolve_malloc("auto") is None
+        (tmp_path / "libjemalloc.so.2").write_bytes(b"")
+        assert resolve_malloc("auto") == tmp_path / "libjemalloc.so.2"
+        assert resolve_malloc("jemalloc") == tmp_path / "libjemalloc.so.2"
+
+    def test_jemalloc_missing_says_what_to_do(self, tmp_path, monkeypatch):
+        monkeypatch.setattr(server_mod, "JEMALLOC_DIRS", (str(tmp_path),))
+        with pytest.raises(ServerError, match=r"serving.server_malloc=jemalloc.*apt install libjemalloc2"):
+            resolve_malloc("jemalloc")
+
+    def test_bad_path_is_named(self, tmp_path):
+        with pytest.raises(ServerError, match=r"serving.server_malloc: '.*nothing.so'"):
+            resolve_malloc(str(tmp_path / "nothing.so"))
+
+    def test_setting_comes_from_the_repository(self, tiny_artifacts, tmp_path):
+        from wff.config import load_profile
+
+        serving = load_profile(tiny_artifacts / "profile.json").serving
+        repo = build_repository(tmp_path / "repo", "embedded", tiny_artifacts, serving=dataclasses.replace(serving, server_malloc="glibc"))
+        assert server_malloc_for(repo) == "glibc"
+        assert server_malloc_for(tmp_path) == "auto"  # no profile: the default
+
+    def test_stub_wrapper_clears_the_variable(self, tmp_path):
+        python = prepare_backends(tmp_path, ("LD_PRELOAD",)) / "python"
+        wrapper = (python / "triton_python_backend_stub").read_text()
+        assert wrapper.startswith("#!/bin/sh\nunset LD_PRELOAD\nexec ")
+        assert (python / "triton_python_backend_stub").stat().st_mode & 0o111
+        assert (python / "triton_python_backend_stub").is_file() and not (python / "triton_python_backend_stub").is_symlink()
+        plain = prepare_backends(tmp_path / "plain") / "python" / "triton_python_backend_stub"
+        assert plain.is_symlink()
+
+
+@pytest.mark.server
+def test_preload_reaches_tritonserver_only(tiny_artifacts, dicom_patient, tmp_path):
+    lib = loaded_library("libm.so")
+    repo = build_repository(tmp_path / "repository", "embedded", tiny_artifacts)
+    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, server_malloc=str(lib)) as server:
+        assert environ(server.process.pid).get("LD_PRELOAD") == str(lib.resolve())
+        stubs = server.stub_pids()
+        assert stubs, "no backend stubs found"
+        for pid, model in stubs.items():
+            assert "LD_PRELOAD" not in environ(pid), f"stub of {model} inherited LD_PRELOAD"
+        with DiagnosisClient(server.grpc_url, timeout_s=60) as client:
+            result = client.diagnose(read_patient_files(dicom_patient))
+        assert result.label in ("benign", "malignant") and result.series_votes.size == 3
