@@ -133,24 +133,27 @@ def prepare_backends(dest: Path, stub_env_unset: tuple[str, ...] = ()) -> Path:
     return dest
 
 
-def shm_bytes_for(repository: Path) -> int:
-    """Default Python-backend region: serving.shm_patients of the repository's largest patients, rounded up to 8 MiB."""
+def _repository_profile(repository: Path):
+    """The Profile an embedded repository was built with (its preprocess step's copy), or None."""
     from wff.config import load_profile
 
     path = repository / "preprocess" / "1" / "profile.json"
-    if not path.is_file():
+    return load_profile(path) if path.is_file() else None
+
+
+def shm_bytes_for(repository: Path) -> int:
+    """Default Python-backend region: serving.shm_patients of the repository's largest patients, rounded up to 8 MiB."""
+    profile = _repository_profile(repository)
+    if profile is None:
         return SHM_FALLBACK_BYTES
-    profile = load_profile(path)
     need = profile.serving.shm_patients * SHM_HEADROOM * profile.serving.max_slices * profile.image.size**2 * 4  # float32 slices
     return int(-(-need // (8 * MIB)) * 8 * MIB)
 
 
 def server_malloc_for(repository: Path) -> str:
     """``serving.server_malloc`` of the repository's profile ("auto" for a repository without one)."""
-    from wff.config import load_profile
-
-    path = repository / "preprocess" / "1" / "profile.json"
-    return load_profile(path).serving.server_malloc if path.is_file() else "auto"
+    profile = _repository_profile(repository)
+    return profile.serving.server_malloc if profile is not None else "auto"
 
 
 def find_jemalloc() -> Path | None:
