@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from wff.client.cli import certs_option, ssl_option
-from wff.serving.cli import SET_HELP, trained_serving
+from wff.serving.cli import SET_HELP, trained_serving_for_click
 
 
 def _patients(dataset: Path | None, split: str | None, patient_dirs: tuple[Path, ...], max_patients: int) -> list:
@@ -67,10 +67,7 @@ def soak(url: str | None, repository: Path | None, artifacts: Path | None, datas
 
     if sum(x is not None for x in (url, repository, artifacts)) != 1:
         raise click.UsageError("give exactly one of --url HOST:PORT, --repository DIR or --artifacts DIR")
-    try:
-        serving = trained_serving(artifacts, overrides)
-    except (FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    serving = trained_serving_for_click(artifacts, overrides)
     patients = _patients(dataset, split, patient_dirs, max_patients)
     settings = dict(duration_s=minutes * 60, warmup_s=warmup_minutes * 60, concurrency=concurrency, bad_fraction=bad_fraction, sample_every_s=sample_every_s,
                     max_growth_bytes=int(max_growth_mib * MIB), seed=seed, ssl=ssl, root_certificates=root_certificates)
@@ -85,11 +82,10 @@ def soak(url: str | None, repository: Path | None, artifacts: Path | None, datas
                 if artifacts is not None:
                     repository = build_repository(Path(tmp) / "repository", "embedded", artifacts, serving=serving)
                 with TritonServer(repository, grpc_port=0, http_port=0, metrics_port=0) as server:
-                    allocator = str(server.server_preload or "glibc")
-                    click.echo(f"tritonserver ready (log {server.log_file}, allocator {allocator}); soaking for {minutes:g} min", err=True)
+                    click.echo(f"tritonserver ready (log {server.log_file}, allocator {server.allocator}); soaking for {minutes:g} min", err=True)
                     report = asyncio.run(run_soak(server.grpc_url, patients, server_pid=server.process.pid,
                                                   is_alive=server.is_running, **settings))
-                    report.server_allocator = allocator
+                    report.server_allocator = server.allocator
                     if server.stub_restarts:
                         report.failures["backend stub restarts"] = [str(r) for r in server.stub_restarts]
         except (ServerError, DiagnosisError, FileNotFoundError, ValueError) as e:

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 # runtime element type names -> numpy dtype, for the types the contracts use
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
 _OV_TYPES = {"f32": np.float32, "i32": np.int32, "i64": np.int64}
-RUNTIMES = ("onnxruntime", "openvino")
-PRECISIONS = {"onnxruntime": ("f32",), "openvino": ("f32", "bf16")}
+PRECISIONS = {"onnxruntime": ("f32",), "openvino": ("f32", "bf16")}  # runtime -> the precisions it serves
+RUNTIMES = tuple(PRECISIONS)
 
 
 class OnnxRunner:
@@ -157,9 +157,8 @@ def make_runner(
     runtime: str, path: str | Path, contract: StepContract, threads: int, chunk: int | None = None, precision: str = "f32"
 ) -> OnnxRunner:
     """The runner of ``runtime`` (one of RUNTIMES) over ``path`` in ``precision`` (one of PRECISIONS[runtime])."""
+    check_runtime(runtime, precision)
     runners = {r.runtime: r for r in (OnnxRunner, OpenVinoRunner)}
-    if runtime not in runners:
-        check_runtime(runtime, precision)  # raises, naming serving.runtime
     return runners[runtime](path, contract, threads, chunk, precision)
 
 

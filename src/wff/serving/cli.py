@@ -42,8 +42,8 @@ def trained_serving(artifacts: Path | None, overrides: tuple[str, ...]) -> Servi
     return serving_overrides(load_profile(artifacts / "profile.json"), overrides)
 
 
-def _trained_serving(artifacts: Path | None, overrides: tuple[str, ...]) -> ServingConfig | None:
-    """:func:`trained_serving` with file and value errors as click errors (wff repo build, wff serve)."""
+def trained_serving_for_click(artifacts: Path | None, overrides: tuple[str, ...]) -> ServingConfig | None:
+    """:func:`trained_serving` with file and value errors as click errors (wff repo build, wff serve, wff soak)."""
     try:
         return trained_serving(artifacts, overrides)
     except (FileNotFoundError, ValueError) as e:
@@ -71,7 +71,7 @@ def build(out: Path, target: str, artifacts: Path | None, profile_name: str, ins
     """Write a complete Triton model repository for TARGET into OUT."""
     from wff.serving.repository import build_repository
 
-    serving = _trained_serving(artifacts, overrides)
+    serving = trained_serving_for_click(artifacts, overrides)
     try:
         build_repository(out, target, artifacts, PROFILES[profile_name], instance_kind, overwrite=force, serving=serving)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
@@ -106,7 +106,7 @@ def serve(repository: Path | None, artifacts: Path | None, address: str, grpc_po
         raise click.UsageError("give exactly one of --repository DIR or --artifacts DIR")
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("give both --tls-cert and --tls-key, or neither")
-    serving = _trained_serving(artifacts, overrides)
+    serving = trained_serving_for_click(artifacts, overrides)
     with tempfile.TemporaryDirectory(prefix="wff-repo-") as tmp:
         if artifacts is not None:
             try:

@@ -241,6 +241,11 @@ class TritonServer:
         self._expected_stubs: Counter = Counter()  # model -> stubs running once the server was ready
 
     @property
+    def allocator(self) -> str:
+        """The library preloaded into tritonserver, or "glibc" (its own malloc)."""
+        return str(self.server_preload) if self.server_preload is not None else "glibc"
+
+    @property
     def grpc_url(self) -> str:
         return f"{self.address}:{self.grpc_port}"
 
@@ -320,8 +325,7 @@ class TritonServer:
                 env=self.environment(),
                 start_new_session=True,  # its own process group: stop() reaches the backend stubs too
             )
-        log.info("tritonserver pid %d on %s (log %s), allocator %s", self.process.pid, self.repository, self.log_file,
-                 self.server_preload.name if self.server_preload else "glibc")
+        log.info("tritonserver pid %d on %s (log %s), allocator %s", self.process.pid, self.repository, self.log_file, self.allocator)
         try:
             self._wait_ready(started)
         except BaseException:
