@@ -126,9 +126,10 @@ def evaluate(dataset: Path, split: str, url: str, ssl: bool, root_certificates: 
     from wff.client import report as rp
     from wff.client.grpc_client import DiagnosisError
     from wff.ensemble.metrics import format_table
+    from wff.training.dataset import load_records
 
     try:
-        records = ev.load_records(dataset, split)
+        records = load_records(dataset, split)
     except (FileNotFoundError, ValueError) as e:
         raise click.BadParameter(str(e), param_hint="DATASET") from e
     if not records:

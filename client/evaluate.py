@@ -28,7 +28,6 @@ from wff.ensemble.fusion import Components, FusionSettings
 from wff.ensemble.metrics import strategy_table
 from wff.ensemble.report_metrics import location_table, sequence_table
 from wff.ensemble.types import PatientRecord
-from wff.training.dataset import load_records
 
 METRICS = ("acc", "auc", "se", "sp")
 CSV_FIELDS = ("patient_id", "label", "predicted_label", "p_malignant", "n_series", "seconds", "error")
