@@ -70,9 +70,14 @@ def resize_stack(pixels: np.ndarray, out_rows: int, out_cols: int, scale: float)
 
     pixels (n, rows, cols), any real dtype. ``out_rows``/``out_cols`` are normally
     ``round(rows * scale)``/``round(cols * scale)``; the mapping is exactly ``x -> x * scale``
-    on both axes whatever the rounding.
+    on both axes whatever the rounding. When nothing changes size (scale 1, the usual 256 x 256
+    MR slice at the small profile's 256 px) both matrices are the identity and the products are
+    skipped: the result is the float32 stack itself (not a copy), the same values the products
+    give, at no cost.
     """
     _, rows, cols = pixels.shape
+    if scale == 1 and (out_rows, out_cols) == (rows, cols):
+        return pixels.astype(np.float32, copy=False)
     ry = resample_matrix(rows, out_rows, scale)  # (out_rows, rows)
     rx = resample_matrix(cols, out_cols, scale)  # (out_cols, cols)
     stack = pixels.astype(np.float32, copy=False)

@@ -18,7 +18,9 @@ from wff.ensemble.pipeline import Pipeline
 from wff.training.dataset import load_records
 from wff.training.export import onnx_op_types
 from wff.training.synth import synthesize_dataset
-from wff.training.train import PARITY_ATOL, run_training
+from wff.ensemble.fusion import load_fusion_settings
+from wff.training.cv import choose_weights
+from wff.training.train import CV_COMPONENTS, PARITY_ATOL, read_cv_components, run_training
 
 PAPER_SMOKE = PAPER.replace(
     image={"size": 64},
@@ -63,6 +65,18 @@ class TestPaperProfileSmoke:
         assert parity["detector_checked_slices"] > 0 and parity["classifier_checked_clips"] > 0
         assert parity["detector_max_abs_diff"] <= PARITY_ATOL * 100
         assert parity["classifier_max_abs_diff"] <= PARITY_ATOL
+
+    def test_cv_components_reproduce_the_chosen_weights(self, paper_run):
+        """cv_components.json holds every training patient's out-of-fold inputs, label and fold;
+        choosing again on it gives fusion.json's weights."""
+        data, artifacts, _ = paper_run
+        comps, labels, folds = read_cv_components(artifacts / CV_COMPONENTS)
+        train = load_records(data, split="train")
+        assert labels.tolist() == [r.label for r in train]
+        assert sorted(set(folds.tolist())) == [0, 1] and len(comps) == len(train)
+        settings = load_fusion_settings(artifacts / "fusion.json")
+        again = choose_weights(comps, labels, PAPER_SMOKE.fusion)
+        assert again.strategies == settings.strategies
 
     def test_exported_paper_models_diagnose_a_patient(self, paper_run):
         """The in-process ensemble over the exported ONNX graphs gives a diagnosis for a test patient."""

@@ -81,3 +81,14 @@ class TestResizeStack:
         for scale in (0.3, 2.5):
             out = resize_stack(np.full((2, 17, 23), 3.0), round(17 * scale), round(23 * scale), scale)
             np.testing.assert_allclose(out, 3.0, rtol=1e-5)
+
+    def test_unchanged_size_skips_the_products_with_identical_values(self):
+        rng = np.random.default_rng(3)
+        stack = rng.integers(0, 4096, (3, 20, 20)).astype(np.float32) * np.float32(1.7)
+        ry, rx = resample_matrix(20, 20, 1.0), resample_matrix(20, 20, 1.0)
+        products = np.matmul(np.matmul(ry, stack), rx.T)
+        out = resize_stack(stack, 20, 20, 1.0)
+        assert out.dtype == np.float32 and out.shape == stack.shape
+        np.testing.assert_array_equal(out, products)  # the identity matrices change nothing, bit for bit
+        assert resize_stack(stack, 19, 20, 1.0).shape == (3, 19, 20)  # a cropped output still resamples
+

@@ -85,12 +85,17 @@ def decode_boxes(deltas: Tensor, anchors: Tensor, weights: tuple[float, float, f
 
 
 def pairwise_iou(boxes: Tensor) -> Tensor:
-    """boxes (B, N, 4) x1 y1 x2 y2 -> IoU (B, N, N) float; 0 where the union is empty."""
-    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])  # (B, N)
-    lt = torch.maximum(boxes[:, :, None, :2], boxes[:, None, :, :2])  # (B, N, N, 2)
-    rb = torch.minimum(boxes[:, :, None, 2:], boxes[:, None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]  # (B, N, N)
+    """boxes (B, N, 4) x1 y1 x2 y2 -> IoU (B, N, N) float; 0 where the union is empty.
+
+    The coordinates are split first, so every (B, N, N) intermediate is built once from (B, N)
+    columns: no (B, N, N, 2) corner tensors to slice afterwards (in the exported graph those
+    slices were Gathers over the whole matrix, a sixth of the served detector's time).
+    """
+    x1, y1, x2, y2 = boxes.unbind(dim=2)  # (B, N) each
+    area = (x2 - x1) * (y2 - y1)
+    iw = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :])).clamp(min=0)
+    ih = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :])).clamp(min=0)
+    inter = iw * ih  # (B, N, N)
     union = area[:, :, None] + area[:, None, :] - inter
     return inter / union.clamp(min=1e-9)
 

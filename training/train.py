@@ -14,7 +14,8 @@ Steps, following the paper's protocol:
 4. train the final detector and classifier on the whole training split;
 5. export both to ONNX, check ONNX Runtime against PyTorch, and write the artifacts:
    profile.json, detector.pt, classifier.pt, detector.onnx, classifier.onnx, age_prior.json,
-   fusion.json, train_report.json (+ cv_weights.png).
+   fusion.json, train_report.json, cv_components.json (the out-of-fold fusion inputs the weights
+   were chosen on; not needed by the server).
 
 The test split is not touched here: it is used once, by ``wff evaluate``.
 """
@@ -155,6 +156,31 @@ def export_and_check(detector, classifier, patients: Sequence[AnnotatedPatient],
     }
 
 
+CV_COMPONENTS = "cv_components.json"  # the out-of-fold fusion inputs behind fusion.json's weights
+
+
+def write_cv_components(path: Path, components: Sequence[Components], labels: np.ndarray, folds: Sequence[np.ndarray]) -> None:
+    """The out-of-fold components of every training patient (in labels.csv order, no identifiers),
+    their labels and folds: what the weights were chosen on, kept so that another choice (a metric,
+    a grid, a threshold) can be studied without training the folds again."""
+    fold_of = np.empty(len(labels), np.int64)
+    for k, held_out in enumerate(folds):
+        fold_of[held_out] = k
+    data = {
+        "labels": [int(v) for v in labels],
+        "folds": [int(v) for v in fold_of],
+        "components": [c.to_dict() for c in components],
+    }
+    path.write_text(json.dumps(data) + "\n")
+
+
+def read_cv_components(path: str | Path) -> tuple[list[Components], np.ndarray, np.ndarray]:
+    """(components, labels, fold of each patient) as written by :func:`write_cv_components`."""
+    data = json.loads(Path(path).read_text())
+    comps = [Components.from_dict(c) for c in data["components"]]
+    return comps, np.array(data["labels"], np.int64), np.array(data["folds"], np.int64)
+
+
 def run_training(dataset: str | Path, out: str | Path, profile: Profile, device: str = "cpu", progress: Progress | None = None) -> Path:
     """The whole protocol above; returns the artifacts folder."""
     import torch
@@ -188,6 +214,7 @@ def run_training(dataset: str | Path, out: str | Path, profile: Profile, device:
         progress(f"{tag}: {len(held_out)} held-out patients diagnosed")
     settings = choose_weights(oof, labels, profile.fusion)
     report["cv"] = settings.cv
+    write_cv_components(out / CV_COMPONENTS, oof, labels, folds)
 
     det, cls, timing = fit_models(patients, profile, 1.0, device, progress, "final")
     report["timings"]["final"] = timing
