@@ -3,8 +3,9 @@
 # for each N, `wff demo` trains the small profile on the demo dataset with classifier.clip_len=N
 # (cross-validated weights included), serves it with tritonserver and evaluates the test split
 # over gRPC; then Table 3 of the three runs is written side by side as
-# runs/ablation-n/ablation.{json,csv,png}. Finished runs are reused. About 15-20 minutes per N
-# on a 2-core CPU. Extra arguments go to every `wff demo` (e.g. --size paper --data data/paper).
+# runs/ablation-n/ablation.{json,csv,png}. Finished runs are reused (copy runs/demo to
+# runs/ablation-n/n16 to reuse the demo's N = 16). About an hour per N on the 2-core development VM
+# with the current small defaults. Extra arguments go to every `wff demo` (e.g. --size paper --data data/paper).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
