@@ -5,7 +5,7 @@ import pytest
 
 from wff.config import FusionConfig
 from wff.ensemble.fusion import Components
-from wff.training.cv import choose_weights, stratified_folds
+from wff.training.cv import choose_fusion, choose_weights, stratified_folds
 
 
 def patient(d, m, a=float("nan")):
@@ -50,3 +50,44 @@ class TestChooseWeights:
     def test_unknown_metric(self):
         with pytest.raises(ValueError, match="cv_metric"):
             choose_weights([patient(0.9, 0.9), patient(0.1, 0.1)], [1, 0], FusionConfig(cv_metric="f1"))
+
+
+def series_patient(scores, d, m=0.5):
+    n = len(scores)
+    return Components(np.array(d, np.float32), np.array(scores, np.float32), np.zeros(n, np.int32), np.array([m], np.float32), float("nan"))
+
+
+class TestChooseFusion:
+    # One confident slice whose D misleads, two low-scoring slices whose D is right: only a low
+    # det_threshold lets the informative slices vote.
+    COMPS = [series_patient([0.9, 0.3, 0.3], [0.2, 0.9, 0.9]), series_patient([0.9, 0.3, 0.3], [0.3, 0.8, 0.9]),
+             series_patient([0.9, 0.3, 0.3], [0.8, 0.1, 0.1]), series_patient([0.9, 0.3, 0.3], [0.7, 0.2, 0.1])]
+    LABELS = [1, 1, 0, 0]
+
+    def test_grid_lets_cv_lower_the_threshold(self):
+        cfg = FusionConfig(grid_step=0.25, strategy="Det", det_threshold_grid=(0.1, 0.5))
+        settings = choose_fusion(self.COMPS, self.LABELS, cfg)
+        assert settings.det_threshold == 0.1
+        tried = settings.cv["det_threshold_candidates"]
+        assert tried["out_of_fold"] == {"0.1": 1.0, "0.5": 0.0} and tried["strategy"] == "Det"
+        assert settings.cv["out_of_fold"]["Det"]["acc"] == 1.0
+
+    def test_without_grid_the_threshold_is_kept(self):
+        cfg = FusionConfig(grid_step=0.25, strategy="Det")
+        settings = choose_fusion(self.COMPS, self.LABELS, cfg)
+        assert settings.det_threshold == 0.5 and "det_threshold_candidates" not in settings.cv
+        assert settings.strategies == choose_weights(self.COMPS, self.LABELS, cfg).strategies
+        assert settings.cv["out_of_fold"]["Det"]["acc"] == 0.0
+
+    def test_ties_keep_the_configured_threshold(self):
+        """Thresholds under every slice's score give the same votes: the one nearest det_threshold wins."""
+        cfg = FusionConfig(grid_step=0.25, strategy="Det", det_threshold=0.2, det_threshold_grid=(0.05, 0.1, 0.25))
+        # all three let every slice vote (0.3 >= 0.25): same metric and AUC; 0.25 is nearest 0.2
+        settings = choose_fusion(self.COMPS, self.LABELS, cfg)
+        assert settings.det_threshold == 0.25
+        assert set(settings.cv["det_threshold_candidates"]["out_of_fold"].values()) == {1.0}
+
+    def test_grid_out_of_range(self):
+        with pytest.raises(ValueError, match="det_threshold_grid"):
+            choose_fusion(self.COMPS, self.LABELS, FusionConfig(det_threshold_grid=(0.5, 1.5)))
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -66,3 +67,32 @@ def choose_weights(
         report[name] = {"weights": list(best[0]), **{k: best[1][k] for k in ("acc", "auc", "se", "sp")}}
     cv = {"out_of_fold": report, "patients": len(labels), "metric": cfg.cv_metric}
     return FusionSettings(cfg.strategy, cfg.det_threshold, strategies, cv)
+
+
+def choose_fusion(components: Sequence[Components], labels: Sequence[int], cfg: FusionConfig) -> FusionSettings:
+    """:func:`choose_weights` at ``cfg.det_threshold``; with ``cfg.det_threshold_grid``, at every
+    threshold of the grid, keeping the one whose served strategy (``cfg.strategy``) scores best out
+    of fold by ``cfg.cv_metric``, then by AUC, then the one closest to ``cfg.det_threshold``.
+
+    The threshold is one value for every strategy (fusion.json has one), so it is chosen for the
+    strategy that is served. The report gains ``det_threshold_candidates``: the served strategy's
+    out-of-fold metric at each threshold tried.
+    """
+    grid = tuple(float(t) for t in cfg.det_threshold_grid)
+    bad = [t for t in grid if not 0.0 <= t <= 1.0]
+    if bad:
+        raise ValueError(f"fusion.det_threshold_grid values must be box scores in [0, 1], got {bad}")
+    if not grid:
+        return choose_weights(components, labels, cfg)
+    best_key, best, tried = None, None, {}
+    for threshold in grid:
+        settings = choose_weights(components, labels, dataclasses.replace(cfg, det_threshold=threshold))
+        m = settings.cv["out_of_fold"][cfg.strategy]
+        objective = _objective(m, cfg.cv_metric)
+        tried[f"{threshold:g}"] = objective
+        key = (objective, -1.0 if np.isnan(m["auc"]) else m["auc"], -abs(threshold - cfg.det_threshold))
+        if best_key is None or key > best_key:
+            best_key, best = key, settings
+    best.cv["det_threshold_candidates"] = {"strategy": cfg.strategy, "metric": cfg.cv_metric, "out_of_fold": tried}
+    return best
+

@@ -38,7 +38,7 @@ from wff.ensemble.fusion import Components, FusionSettings
 from wff.ensemble.pipeline import Pipeline
 from wff.ensemble.steps import preprocess_outputs
 from wff.ensemble.types import AnnotatedPatient
-from wff.training.cv import choose_weights, stratified_folds
+from wff.training.cv import choose_fusion, stratified_folds
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def run_training(dataset: str | Path, out: str | Path, profile: Profile, device:
             oof[i] = c
         report["timings"][tag] = timing
         progress(f"{tag}: {len(held_out)} held-out patients diagnosed")
-    settings = choose_weights(oof, labels, profile.fusion)
+    settings = choose_fusion(oof, labels, profile.fusion)
     report["cv"] = settings.cv
     write_cv_components(out / CV_COMPONENTS, oof, labels, folds)
 
