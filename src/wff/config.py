@@ -113,10 +113,12 @@ class ServingConfig:
     preferred_batch_detector: tuple[int, ...] = (32, 64)
     preferred_batch_classifier: tuple[int, ...] = (4, 8)
     max_queue_delay_us: int = 2000
-    instances_detector: int = 2  # 2 cores: two single-threaded detectors beat one with 2 threads (wff bench, BENCHMARKS.md)
+    instances_detector: int = 2  # 2 cores: two detector instances beat one (wff bench, BENCHMARKS.md)
     instances_classifier: int = 1
     instances_python: int = 1  # preprocess, crop, fusion
-    runtime_threads: int = 1  # intra-op threads of each CPU runtime session (per instance)
+    # intra-op threads of each CPU runtime session (per instance); 2 beat 1 at every concurrency with the
+    # Gather-free detector graph (2026-12-02, BENCHMARKS.md)
+    runtime_threads: int = 2
     runtime: str = "openvino"  # embedded detector/classifier: "openvino" (~1.3x faster here) | "onnxruntime"
     runtime_precision: str = "f32"  # "f32" | "bf16" (OpenVINO only: bfloat16 arithmetic where the CPU has it; BENCHMARKS.md)
     # tritonserver's own allocator (its backend stubs keep glibc): "auto" (jemalloc when installed, else glibc) | "glibc" |
