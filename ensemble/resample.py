@@ -76,9 +76,9 @@ def resize_stack(pixels: np.ndarray, out_rows: int, out_cols: int, scale: float)
     give, at no cost.
     """
     _, rows, cols = pixels.shape
+    stack = pixels.astype(np.float32, copy=False)
     if scale == 1 and (out_rows, out_cols) == (rows, cols):
-        return pixels.astype(np.float32, copy=False)
+        return stack
     ry = resample_matrix(rows, out_rows, scale)  # (out_rows, rows)
     rx = resample_matrix(cols, out_cols, scale)  # (out_cols, cols)
-    stack = pixels.astype(np.float32, copy=False)
     return np.matmul(np.matmul(ry, stack), rx.T)  # (n, out_rows, out_cols)

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from wff.config import PAPER, load_profile
+from wff.ensemble.fusion import load_fusion_settings
 from wff.ensemble.pipeline import Pipeline
+from wff.training.cv import choose_fusion
 from wff.training.dataset import load_records
 from wff.training.export import onnx_op_types
 from wff.training.synth import synthesize_dataset
-from wff.ensemble.fusion import load_fusion_settings
-from wff.training.cv import choose_weights
 from wff.training.train import CV_COMPONENTS, PARITY_ATOL, read_cv_components, run_training
 
 PAPER_SMOKE = PAPER.replace(
@@ -75,7 +75,7 @@ class TestPaperProfileSmoke:
         assert labels.tolist() == [r.label for r in train]
         assert sorted(set(folds.tolist())) == [0, 1] and len(comps) == len(train)
         settings = load_fusion_settings(artifacts / "fusion.json")
-        again = choose_weights(comps, labels, PAPER_SMOKE.fusion)
+        again = choose_fusion(comps, labels, PAPER_SMOKE.fusion)  # what run_training called
         assert again.strategies == settings.strategies
 
     def test_exported_paper_models_diagnose_a_patient(self, paper_run):

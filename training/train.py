@@ -10,7 +10,8 @@ Steps, following the paper's protocol:
 3. k-fold cross-validation (train.cv_folds): for each fold, train a detector and a sequence
    classifier on the other folds, fit the fold's age prior, and diagnose the held-out patients
    through the same pipeline as the server (detections -> crop -> classifier -> fusion)
-   to get out-of-fold components; choose l1, l2, l3 for each strategy of Table 3 on them;
+   to get out-of-fold components; choose l1, l2, l3 for each strategy of Table 3 on them
+   (and, with ``fusion.det_threshold_grid``, the voting threshold);
 4. train the final detector and classifier on the whole training split;
 5. export both to ONNX, check ONNX Runtime against PyTorch, and write the artifacts:
    profile.json, detector.pt, classifier.pt, detector.onnx, classifier.onnx, age_prior.json,
