@@ -73,7 +73,7 @@ class TestChooseFusion:
         assert settings.cv["out_of_fold"]["Det"]["acc"] == 1.0
 
     def test_without_grid_the_threshold_is_kept(self):
-        cfg = FusionConfig(grid_step=0.25, strategy="Det")
+        cfg = FusionConfig(grid_step=0.25, strategy="Det", det_threshold_grid=())
         settings = choose_fusion(self.COMPS, self.LABELS, cfg)
         assert settings.det_threshold == 0.5 and "det_threshold_candidates" not in settings.cv
         assert settings.strategies == choose_weights(self.COMPS, self.LABELS, cfg).strategies

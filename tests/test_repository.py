@@ -7,6 +7,7 @@ from click.testing import CliRunner
 from conftest import TINY
 
 from wff.cli import main
+from wff.config import load_profile
 from wff.contracts import ENSEMBLE_NAME, contracts_for
 from wff.ensemble.fusion import FusionSettings, load_fusion_settings
 from wff.serving.repository import (
@@ -154,14 +155,30 @@ class TestBuildErrors:
             build_repository(tmp_path / "repo", "tflite", profile=TINY)
 
     def test_threshold_mismatch_is_refused(self, tiny_artifacts, tmp_path):
-        """fusion.json and the profile must agree on det_threshold (crop uses the profile's)."""
+        """fusion.json's voting threshold must be the profile's det_threshold or a value of its grid."""
         import shutil
 
         art = tmp_path / "art"
         shutil.copytree(tiny_artifacts, art)
-        FusionSettings(det_threshold=0.3).save(art / "fusion.json")
-        with pytest.raises(ValueError, match="det_threshold"):
+        profile = load_profile(art / "profile.json")
+        outside = 0.37
+        assert outside != profile.fusion.det_threshold and outside not in profile.fusion.det_threshold_grid
+        FusionSettings(det_threshold=outside).save(art / "fusion.json")
+        with pytest.raises(ValueError, match="det_threshold_grid"):
             build_repository(tmp_path / "repo", "embedded", art)
+
+    def test_threshold_from_the_grid_is_served(self, tiny_artifacts, tmp_path):
+        """A voting threshold chosen from fusion.det_threshold_grid reaches the fusion step's parameters."""
+        import shutil
+
+        art = tmp_path / "art"
+        shutil.copytree(tiny_artifacts, art)
+        profile = load_profile(art / "profile.json")
+        chosen = min(profile.fusion.det_threshold_grid)
+        assert chosen != profile.fusion.det_threshold
+        FusionSettings(det_threshold=chosen).save(art / "fusion.json")
+        build_repository(tmp_path / "repo", "embedded", art)
+        assert f'"{chosen!r}"' in (tmp_path / "repo" / "fusion" / "config.pbtxt").read_text()
 
 
 class TestCli:

@@ -87,12 +87,12 @@ class AgePriorConfig:
 class FusionConfig:
     weights: tuple[float, float, float] = (0.45, 0.45, 0.10)  # (l1 Det, l2 Seq, l3 Age); replaced by CV
     strategy: str = "Det-Seq-Age"  # the strategy served (one of fusion.STRATEGIES)
-    det_threshold: float = 0.5  # slices whose best box scores below this do not vote
-    # When not empty, cross-validation also chooses the voting threshold among these values (by the
-    # served strategy's out-of-fold cv_metric) and writes it to fusion.json; the crop step keeps
-    # det_threshold for choosing its largest region, as the out-of-fold components were made with it.
-    # Empty (the default) votes at det_threshold too.
-    det_threshold_grid: tuple[float, ...] = ()
+    det_threshold: float = 0.5  # slices whose best box scores below this do not vote (until CV chooses)
+    # Cross-validation also chooses the voting threshold among these values (by the served strategy's
+    # out-of-fold cv_metric; ties go to the value nearest det_threshold) and writes it to fusion.json;
+    # the crop step keeps det_threshold for choosing its largest region, as the out-of-fold
+    # components were made with it. Empty: slices vote at det_threshold.
+    det_threshold_grid: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
     grid_step: float = 0.05  # step of the simplex grid searched by cross-validation
     cv_metric: str = "balanced_acc"  # what the weight search maximises: "balanced_acc" (mean of SE, SP) or "acc"
 

@@ -236,10 +236,12 @@ def build_repository(
         log.warning("no artifacts given: %s gets configs and adapters only (no models, not servable)", out)
     if serving is not None:
         profile = profile.replace(serving=serving)
-    if settings.det_threshold != profile.fusion.det_threshold:
+    allowed = {float(profile.fusion.det_threshold), *(float(t) for t in profile.fusion.det_threshold_grid)}
+    if float(settings.det_threshold) not in allowed:
         raise ValueError(
-            f"fusion.json det_threshold {settings.det_threshold} differs from profile.json fusion.det_threshold "
-            f"{profile.fusion.det_threshold} (used by crop); retrain or fix one of them"
+            f"fusion.json det_threshold {settings.det_threshold} is neither profile.json fusion.det_threshold "
+            f"{profile.fusion.det_threshold} (used by crop) nor one of fusion.det_threshold_grid "
+            f"{list(profile.fusion.det_threshold_grid)} (what cross-validation chooses from); retrain or fix one of them"
         )
     configs = repository_configs(profile, target, settings, instance_kind)
     for name, cfg in configs.items():
