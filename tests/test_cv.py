@@ -1,11 +1,13 @@
 """Cross-validation folds and the choice of fusion weights."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from wff.config import FusionConfig
 from wff.ensemble.fusion import Components
-from wff.training.cv import choose_fusion, choose_weights, stratified_folds
+from wff.training.cv import choose_fusion, choose_weights, nested_choice, stratified_folds
 
 
 def patient(d, m, a=float("nan")):
@@ -86,6 +88,20 @@ class TestChooseFusion:
         settings = choose_fusion(self.COMPS, self.LABELS, cfg)
         assert settings.det_threshold == 0.25
         assert set(settings.cv["det_threshold_candidates"]["out_of_fold"].values()) == {1.0}
+
+    def test_nested_choice_scores_each_fold_with_the_others_choice(self):
+        """Each fold is decided by the setting chosen on the other folds; the grid's gain shows held out."""
+        folds = [0, 1, 0, 1]
+        cfg = FusionConfig(grid_step=0.25, strategy="Det", det_threshold_grid=(0.1, 0.5))
+        pred, score, chosen = nested_choice(self.COMPS, self.LABELS, folds, cfg)
+        assert pred.tolist() == self.LABELS and [c["det_threshold"] for c in chosen] == [0.1, 0.1]
+        assert [c["fold"] for c in chosen] == [0, 1] and score[0] > 0.5 > score[2]
+        fixed, _, chosen = nested_choice(self.COMPS, self.LABELS, folds, dataclasses.replace(cfg, det_threshold_grid=()))
+        assert fixed.tolist() == [0, 0, 1, 1] and [c["det_threshold"] for c in chosen] == [0.5, 0.5]
+
+    def test_nested_choice_length_mismatch(self):
+        with pytest.raises(ValueError, match="must match"):
+            nested_choice(self.COMPS, self.LABELS, [0, 1], FusionConfig())
 
     def test_grid_out_of_range(self):
         with pytest.raises(ValueError, match="det_threshold_grid"):

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from wff.config import FusionConfig
-from wff.ensemble.fusion import PAPER_WEIGHTS, STRATEGIES, Components, FusionSettings, weight_grid
+from wff.ensemble.fusion import PAPER_WEIGHTS, STRATEGIES, Components, FusionSettings, fuse, weight_grid
 from wff.ensemble.metrics import strategy_metrics
 
 
@@ -40,6 +40,11 @@ def _objective(m: dict[str, float], metric: str) -> float:
     raise ValueError(f"fusion.cv_metric must be one of {CV_METRICS}, got {metric!r}")
 
 
+def _auc_key(m: dict[str, float]) -> float:
+    """AUC as a tie-break, with an undefined AUC (one class only) ranked last."""
+    return -1.0 if np.isnan(m["auc"]) else m["auc"]
+
+
 def choose_weights(
     components: Sequence[Components], labels: Sequence[int], cfg: FusionConfig
 ) -> FusionSettings:
@@ -59,8 +64,7 @@ def choose_weights(
         best_key, best = None, None
         for w in weight_grid(mask, cfg.grid_step):
             m = strategy_metrics(components, labels, w, cfg.det_threshold)
-            auc = -1.0 if np.isnan(m["auc"]) else m["auc"]
-            key = (_objective(m, cfg.cv_metric), auc, -float(np.abs(np.array(w) - paper).sum()))
+            key = (_objective(m, cfg.cv_metric), _auc_key(m), -float(np.abs(np.array(w) - paper).sum()))
             if best_key is None or key > best_key:
                 best_key, best = key, (w, m)
         strategies[name] = best[0]
@@ -90,9 +94,36 @@ def choose_fusion(components: Sequence[Components], labels: Sequence[int], cfg: 
         m = settings.cv["out_of_fold"][cfg.strategy]
         objective = _objective(m, cfg.cv_metric)
         tried[f"{threshold:g}"] = objective
-        key = (objective, -1.0 if np.isnan(m["auc"]) else m["auc"], -abs(threshold - cfg.det_threshold))
+        key = (objective, _auc_key(m), -abs(threshold - cfg.det_threshold))
         if best_key is None or key > best_key:
             best_key, best = key, settings
     best.cv["det_threshold_candidates"] = {"strategy": cfg.strategy, "metric": cfg.cv_metric, "out_of_fold": tried}
     return best
 
+
+
+def nested_choice(
+    components: Sequence[Components], labels: Sequence[int], folds: Sequence[int], cfg: FusionConfig
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Nested cross-validation of the fusion choice itself.
+
+    For each fold k, :func:`choose_fusion` runs on the other folds' (out-of-fold) components and
+    the served strategy's choice is applied to fold k, which took no part in it. Returns the
+    held-out label and score of every patient and, per fold, the weights and threshold chosen:
+    an unbiased estimate of what the choice (a grid, a metric) is worth on unseen patients.
+    """
+    labels, folds = np.asarray(labels), np.asarray(folds)
+    if len(labels) != len(components) or len(folds) != len(components):
+        raise ValueError(f"{len(components)} components, {len(labels)} labels and {len(folds)} folds must match")
+    pred = np.zeros(len(labels), np.int64)
+    score = np.zeros(len(labels), np.float64)
+    chosen = []
+    for k in np.unique(folds):
+        inner, held = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+        settings = choose_fusion([components[i] for i in inner], labels[inner], cfg)
+        weights = settings.strategies[cfg.strategy]
+        chosen.append({"fold": int(k), "weights": list(weights), "det_threshold": settings.det_threshold})
+        for i in held:
+            decision = fuse(components[i], weights, settings.det_threshold)
+            pred[i], score[i] = decision.label, decision.p_malignant
+    return pred, score, chosen
