@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from wff.config import get_profile, load_profile
+from wff.config import FusionConfig, get_profile, load_profile
 from wff.ensemble.metrics import binary_metrics
 from wff.training.cv import nested_choice
 from wff.training.train import CV_COMPONENTS, read_cv_components
@@ -32,7 +32,7 @@ def nested(artifacts: Path, profile_name: str) -> dict:
     profile = load_profile(saved) if saved.is_file() else get_profile(profile_name)
     comps, labels, folds = read_cv_components(artifacts / CV_COMPONENTS)
     fusion = profile.fusion
-    grid = tuple(fusion.det_threshold_grid) or (0.05, 0.1, 0.2, 0.3, 0.5)
+    grid = fusion.det_threshold_grid or FusionConfig().det_threshold_grid  # runs trained with the grid off
     options = {
         f"fixed det_threshold {fusion.det_threshold:g}": dataclasses.replace(fusion, det_threshold_grid=()),
         f"threshold chosen from {list(grid)}": dataclasses.replace(fusion, det_threshold_grid=grid),

@@ -101,7 +101,6 @@ def choose_fusion(components: Sequence[Components], labels: Sequence[int], cfg: 
     return best
 
 
-
 def nested_choice(
     components: Sequence[Components], labels: Sequence[int], folds: Sequence[int], cfg: FusionConfig
 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
@@ -121,7 +120,7 @@ def nested_choice(
     for k in np.unique(folds):
         inner, held = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
         settings = choose_fusion([components[i] for i in inner], labels[inner], cfg)
-        weights = settings.strategies[cfg.strategy]
+        weights = settings.served_weights
         chosen.append({"fold": int(k), "weights": list(weights), "det_threshold": settings.det_threshold})
         for i in held:
             decision = fuse(components[i], weights, settings.det_threshold)
