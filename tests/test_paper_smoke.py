@@ -26,7 +26,7 @@ PAPER_SMOKE = PAPER.replace(
     image={"size": 64},
     detector={"batch_size": 2, "rpn_pre_nms_top_n": 100, "rpn_post_nms_top_n": 32, "top_k": 8},
     classifier={"clip_len": 4, "crop_size": 16, "batch_size": 2},
-    train={"cv_folds": 2, "max_steps": 2},
+    train={"cv_folds": 2, "max_steps": 2, "save_fold_models": False},  # full-size fold checkpoints: about 1 GB
 )
 
 pytestmark = pytest.mark.slow

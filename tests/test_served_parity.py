@@ -100,3 +100,30 @@ class TestServedParity:
             after = per_model(fetch_metrics(served.metrics_url))
         for model in models:
             assert after[model]["success"] >= before.get(model, {}).get("success", 0) + 1, model
+
+
+class TestFoldModels:
+    def test_fold_checkpoints_reproduce_the_out_of_fold_components(self, trained):
+        """folds/fold<k>/ holds the models behind cv_components.json: re-diagnosing each fold's
+        held-out patients with them gives the same components (so fold models can be studied later)."""
+        from wff.ensemble.age_prior import AgePrior
+        from wff.training.checkpoint import load_classifier, load_detector
+        from wff.training.train import CV_COMPONENTS, FOLDS_DIR, load_split, out_of_fold_components, read_cv_components
+
+        data, artifacts = trained
+        comps, labels, folds = read_cv_components(artifacts / CV_COMPONENTS)
+        patients = load_split(data, "train", TINY_TRAINED, lambda _: None)
+        ages = np.array([p.record.age for p in patients], np.float64)
+        assert sorted(set(folds.tolist())) == list(range(TINY_TRAINED.train.cv_folds))
+        for k in range(TINY_TRAINED.train.cv_folds):
+            held_out = np.flatnonzero(folds == k)
+            keep = np.flatnonzero(folds != k)
+            det, profile = load_detector(artifacts / FOLDS_DIR / f"fold{k + 1}" / "detector.pt")
+            cls, _ = load_classifier(artifacts / FOLDS_DIR / f"fold{k + 1}" / "classifier.pt")
+            prior = AgePrior.fit(ages[keep], labels[keep], profile.age)
+            again = out_of_fold_components([patients[i] for i in held_out], det, cls, prior, profile, "cpu")
+            for i, c in zip(held_out, again):
+                np.testing.assert_allclose(c.slice_d, comps[i].slice_d, atol=1e-5, equal_nan=True)
+                np.testing.assert_allclose(c.slice_score, comps[i].slice_score, atol=1e-5)
+                np.testing.assert_allclose(c.series_m, comps[i].series_m, atol=1e-5)
+                assert math.isclose(c.age_a, comps[i].age_a, abs_tol=1e-6)

@@ -16,7 +16,8 @@ Steps, following the paper's protocol:
 5. export both to ONNX, check ONNX Runtime against PyTorch, and write the artifacts:
    profile.json, detector.pt, classifier.pt, detector.onnx, classifier.onnx, age_prior.json,
    fusion.json, train_report.json, cv_components.json (the out-of-fold fusion inputs the weights
-   were chosen on; not needed by the server).
+   were chosen on) and folds/fold<k>/{detector,classifier}.pt (the fold models they came from, with train.save_fold_models);
+   the last two are not needed by the server.
 
 The test split is not touched here: it is used once, by ``wff evaluate``.
 """
@@ -158,6 +159,7 @@ def export_and_check(detector, classifier, patients: Sequence[AnnotatedPatient],
 
 
 CV_COMPONENTS = "cv_components.json"  # the out-of-fold fusion inputs behind fusion.json's weights
+FOLDS_DIR = "folds"  # folds/fold<k>/{detector,classifier}.pt: the fold models those inputs came from
 
 
 def write_cv_components(path: Path, components: Sequence[Components], labels: np.ndarray, folds: Sequence[np.ndarray]) -> None:
@@ -208,6 +210,10 @@ def run_training(dataset: str | Path, out: str | Path, profile: Profile, device:
         tag = f"fold {k + 1}/{len(folds)}"
         det, cls, timing = fit_models([patients[i] for i in keep], profile, profile.train.cv_epoch_scale, device, progress, tag)
         fold_prior = AgePrior.fit(ages[keep], labels[keep], profile.age)
+        if profile.train.save_fold_models:
+            fold_dir = out / FOLDS_DIR / f"fold{k + 1}"
+            save_checkpoint(fold_dir / "detector.pt", det, profile, "detector", {"fold": k + 1})
+            save_checkpoint(fold_dir / "classifier.pt", cls, profile, "classifier", {"fold": k + 1})
         comps = out_of_fold_components([patients[i] for i in held_out], det, cls, fold_prior, profile, device)
         for i, c in zip(held_out, comps):
             oof[i] = c
