@@ -108,7 +108,7 @@ class TestFoldModels:
         held-out patients with them gives the same components (so fold models can be studied later)."""
         from wff.ensemble.age_prior import AgePrior
         from wff.training.checkpoint import load_classifier, load_detector
-        from wff.training.train import CV_COMPONENTS, FOLDS_DIR, load_split, out_of_fold_components, read_cv_components
+        from wff.training.train import CV_COMPONENTS, fold_models_dir, load_split, out_of_fold_components, read_cv_components
 
         data, artifacts = trained
         comps, labels, folds = read_cv_components(artifacts / CV_COMPONENTS)
@@ -118,8 +118,8 @@ class TestFoldModels:
         for k in range(TINY_TRAINED.train.cv_folds):
             held_out = np.flatnonzero(folds == k)
             keep = np.flatnonzero(folds != k)
-            det, profile = load_detector(artifacts / FOLDS_DIR / f"fold{k + 1}" / "detector.pt")
-            cls, _ = load_classifier(artifacts / FOLDS_DIR / f"fold{k + 1}" / "classifier.pt")
+            det, profile = load_detector(fold_models_dir(artifacts, k) / "detector.pt")
+            cls, _ = load_classifier(fold_models_dir(artifacts, k) / "classifier.pt")
             prior = AgePrior.fit(ages[keep], labels[keep], profile.age)
             again = out_of_fold_components([patients[i] for i in held_out], det, cls, prior, profile, "cpu")
             for i, c in zip(held_out, again):

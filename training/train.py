@@ -16,8 +16,8 @@ Steps, following the paper's protocol:
 5. export both to ONNX, check ONNX Runtime against PyTorch, and write the artifacts:
    profile.json, detector.pt, classifier.pt, detector.onnx, classifier.onnx, age_prior.json,
    fusion.json, train_report.json, cv_components.json (the out-of-fold fusion inputs the weights
-   were chosen on) and folds/fold<k>/{detector,classifier}.pt (the fold models they came from, with train.save_fold_models);
-   the last two are not needed by the server.
+   were chosen on) and, with train.save_fold_models, folds/fold<k>/{detector,classifier}.pt (the
+   fold models they came from); the last two are not needed by the server.
 
 The test split is not touched here: it is used once, by ``wff evaluate``.
 """
@@ -162,6 +162,11 @@ CV_COMPONENTS = "cv_components.json"  # the out-of-fold fusion inputs behind fus
 FOLDS_DIR = "folds"  # folds/fold<k>/{detector,classifier}.pt: the fold models those inputs came from
 
 
+def fold_models_dir(artifacts: Path, fold: int) -> Path:
+    """Where run_training saves the models of ``fold`` (0-based, as in cv_components.json's folds)."""
+    return Path(artifacts) / FOLDS_DIR / f"fold{fold + 1}"
+
+
 def write_cv_components(path: Path, components: Sequence[Components], labels: np.ndarray, folds: Sequence[np.ndarray]) -> None:
     """The out-of-fold components of every training patient (in labels.csv order, no identifiers),
     their labels and folds: what the weights were chosen on, kept so that another choice (a metric,
@@ -211,7 +216,7 @@ def run_training(dataset: str | Path, out: str | Path, profile: Profile, device:
         det, cls, timing = fit_models([patients[i] for i in keep], profile, profile.train.cv_epoch_scale, device, progress, tag)
         fold_prior = AgePrior.fit(ages[keep], labels[keep], profile.age)
         if profile.train.save_fold_models:
-            fold_dir = out / FOLDS_DIR / f"fold{k + 1}"
+            fold_dir = fold_models_dir(out, k)
             save_checkpoint(fold_dir / "detector.pt", det, profile, "detector", {"fold": k + 1})
             save_checkpoint(fold_dir / "classifier.pt", cls, profile, "classifier", {"fold": k + 1})
         comps = out_of_fold_components([patients[i] for i in held_out], det, cls, fold_prior, profile, device)
