@@ -48,9 +48,9 @@ class DetectorConfig:
     top_k: int = 8  # fixed number of detections per image in the exported graph (padded)
     roi_output_size: int = 7  # RoIAlign output (roi_output_size x roi_output_size)
     representation_size: int = 256  # width of the two-layer box head
-    # small profile: at 3 the detector scored most tumour slices below det_threshold; 16 did worse, and 6 with
-    # full-length folds won on one VM and lost on another (BENCHMARKS.md)
-    epochs: int = 10
+    # small profile on the paper-size synthetic set (445 training patients, ~1,300 optimiser steps): on the
+    # 120-patient set 10 epochs (same steps) were the best found, 16 over-fitted (BENCHMARKS.md)
+    epochs: int = 3
     batch_size: int = 8
     lr: float = 0.01
     weight_decay: float = 1e-4
@@ -69,7 +69,7 @@ class ClassifierConfig:
     clip_len: int = 16  # N consecutive slices per clip (paper: 4, 8 or 16; 16 best)
     crop_size: int = 112  # every slice of a clip is crop_size x crop_size
     crop_margin: float = 0.15  # the region is grown by this fraction of its size on each side
-    epochs: int = 16  # small profile: 6 -> 18 raised held-out patient AUC 0.80 -> 0.86 in a side run (BENCHMARKS.md)
+    epochs: int = 5  # small profile, 445 training patients (~700 steps; 16 epochs on the 120-patient set was ~600)
     batch_size: int = 16
     lr: float = 3e-3
     weight_decay: float = 1e-4

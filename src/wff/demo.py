@@ -26,8 +26,10 @@ def _stage(name: str) -> None:
 
 
 @click.command()
-@click.option("--size", type=click.Choice(["tiny", "demo", "paper"]), default="demo", show_default=True, help="Synthetic dataset size.")
-@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("data/demo"), show_default=True)
+@click.option("--size", type=click.Choice(["tiny", "demo", "paper"]), default="paper", show_default=True,
+              help="Synthetic dataset size: paper = the paper's 445 training and 140 test patients.")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Dataset folder (synthesized when it has no labels.csv).  [default: data/SIZE]")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
 @click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default="small", show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a profile value.")
@@ -47,6 +49,7 @@ def demo(size, data_dir, out, profile_name, overrides, concurrency, grpc_port, h
     from wff.training.synth import SIZES, synthesize_dataset
     from wff.training.train import run_training
 
+    data_dir = data_dir or Path("data") / size
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     artifacts, repository = out / "artifacts", out / "repository"
