@@ -127,3 +127,45 @@ class TestFoldModels:
                 np.testing.assert_allclose(c.slice_score, comps[i].slice_score, atol=1e-5)
                 np.testing.assert_allclose(c.series_m, comps[i].series_m, atol=1e-5)
                 assert math.isclose(c.age_a, comps[i].age_a, abs_tol=1e-6)
+
+
+class TestReusedDetectors:
+    def test_classifier_only_run_keeps_every_detector_and_its_components(self, trained, tmp_path):
+        """--detectors-from: a run with another clip length reuses each fold's and the final detector
+        unchanged, so its out-of-fold detector components equal the source run's."""
+        import torch
+
+        from wff.training.checkpoint import load_checkpoint
+        from wff.training.train import CV_COMPONENTS, fold_models_dir, read_cv_components
+
+        data, source = trained
+        profile = TINY_TRAINED.replace(classifier={"clip_len": 4})
+        artifacts = run_training(data, tmp_path / "artifacts", profile, detectors_from=source)
+        pairs = [(fold_models_dir(source, k), fold_models_dir(artifacts, k)) for k in range(TINY_TRAINED.train.cv_folds)]
+        for before, after in pairs + [(source, artifacts)]:
+            old, _ = load_checkpoint(before / "detector.pt", "detector")
+            new, _ = load_checkpoint(after / "detector.pt", "detector")
+            assert old["model"].keys() == new["model"].keys()
+            assert all(torch.equal(old["model"][k], new["model"][k]) for k in old["model"])
+        ours, _, _ = read_cv_components(artifacts / CV_COMPONENTS)
+        theirs, _, _ = read_cv_components(source / CV_COMPONENTS)
+        for a, b in zip(ours, theirs):
+            np.testing.assert_allclose(a.slice_d, b.slice_d, atol=1e-6, equal_nan=True)
+            np.testing.assert_allclose(a.slice_score, b.slice_score, atol=1e-6)
+        report = (artifacts / "train_report.json").read_text()
+        assert str(source / "detector.pt") in report
+
+    def test_other_detector_settings_are_refused(self, trained, tmp_path):
+        """A detector trained with other settings is not reused: the error names the setting."""
+        data, source = trained
+        profile = TINY_TRAINED.replace(detector={"epochs": 2})
+        with pytest.raises(ValueError, match=r"detector\.epochs"):
+            run_training(data, tmp_path / "artifacts", profile, detectors_from=source)
+
+    def test_other_patients_are_refused(self, trained):
+        """A detector recorded as trained on other patients is not reused."""
+        from wff.training.train import reuse_detector
+
+        _, source = trained
+        with pytest.raises(ValueError, match="other patients"):
+            reuse_detector(source / "detector.pt", TINY_TRAINED, "0" * 16)

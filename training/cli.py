@@ -37,7 +37,10 @@ def progress_printer(message: str) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Artifacts folder [runs/<profile>].")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a profile value (repeatable).")
-def train(dataset: Path, profile_name: str, out: Path | None, device: str, overrides: tuple[str, ...]) -> None:
+@click.option("--detectors-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Artifacts of an earlier run on the same dataset: reuse its fold and final detectors (same image, detector "
+                   "and CV settings required) and train only the classifiers.")
+def train(dataset: Path, profile_name: str, out: Path | None, device: str, overrides: tuple[str, ...], detectors_from: Path | None) -> None:
     """Train detector and sequence classifier, choose the fusion weights by cross-validation,
     export ONNX and write the artifacts the server needs."""
     from wff.training.train import run_training
@@ -50,7 +53,7 @@ def train(dataset: Path, profile_name: str, out: Path | None, device: str, overr
     profile = apply_overrides(get_profile(profile_name), overrides)
     out = out or Path("runs") / profile.name
     try:
-        run_training(dataset, out, profile, device=device, progress=progress_printer)
+        run_training(dataset, out, profile, device=device, progress=progress_printer, detectors_from=detectors_from)
     except (ValueError, FileNotFoundError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -19,11 +19,18 @@ Steps, following the paper's protocol:
    were chosen on) and, with train.save_fold_models, folds/fold<k>/{detector,classifier}.pt (the
    fold models they came from); the last two are not needed by the server.
 
+With ``detectors_from`` (``wff train --detectors-from``), every detector (each fold's and the
+final one) is taken from an earlier run's artifacts instead of being trained again, after
+checking that it was trained with the same image, detector and CV settings and on the same
+patients: what a classifier-only study such as the clip-length ablation needs, at the cost of
+the classifier fits alone.
+
 The test split is not touched here: it is used once, by ``wff evaluate``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -102,7 +109,48 @@ def out_of_fold_components(
     return comps
 
 
-def fit_models(patients: Sequence[AnnotatedPatient], profile: Profile, scale: float, device: str, progress: Progress, tag: str):
+DETECTOR_TRAIN_KEYS = ("seed", "cv_folds", "cv_epoch_scale", "max_steps")  # train.* settings a detector fit depends on
+
+
+def training_set_digest(patients: Sequence[AnnotatedPatient]) -> str:
+    """A short digest of the patients a model was trained on (their ids hashed; no id is stored)."""
+    ids = "\n".join(sorted(p.record.patient_id for p in patients))
+    return hashlib.sha256(ids.encode()).hexdigest()[:16]
+
+
+def reuse_detector(path: Path, profile: Profile, digest: str, device: str = "cpu"):
+    """The detector checkpoint at ``path``, in place of a new fit with ``profile`` on the patients of ``digest``.
+
+    Raises ValueError naming the settings that differ (image.*, detector.*, or the train.* keys of
+    DETECTOR_TRAIN_KEYS) or when the checkpoint records other training patients; a checkpoint
+    written before digests were recorded is checked on its settings only.
+    """
+    from wff.training.checkpoint import load_checkpoint, load_detector
+
+    ckpt, saved = load_checkpoint(path, "detector")
+    ours, theirs = profile.to_dict(), saved.to_dict()
+    differ = [f"{s}.{k}" for s in ("image", "detector") for k in ours[s] if ours[s][k] != theirs[s][k]]
+    differ += [f"train.{k}" for k in DETECTOR_TRAIN_KEYS if ours["train"][k] != theirs["train"][k]]
+    if differ:
+        raise ValueError(f"{path}: trained with other settings ({', '.join(differ)}); train the detectors again (no --detectors-from)")
+    recorded = ckpt["extra"].get("patients")
+    if recorded is not None and recorded != digest:
+        raise ValueError(f"{path}: trained on other patients than this run's; reuse detectors only with the same dataset and folds")
+    model, _ = load_detector(path, device)
+    return model
+
+
+def fit_models(
+    patients: Sequence[AnnotatedPatient],
+    profile: Profile,
+    scale: float,
+    device: str,
+    progress: Progress,
+    tag: str,
+    detector_from: Path | None = None,
+):
+    """Detector and classifier fitted on ``patients`` for ``scale`` of the profile's epochs (the detector
+    taken from the checkpoint ``detector_from`` instead, when given: see :func:`reuse_detector`)."""
     from wff.training.engine import fit_detector, fit_classifier
 
     det_epochs = max(1, math.ceil(profile.detector.epochs * scale))
@@ -117,11 +165,18 @@ def fit_models(patients: Sequence[AnnotatedPatient], profile: Profile, scale: fl
         return cb
 
     t0 = time.perf_counter()
-    detector = fit_detector(patients, profile, det_epochs, device=device, progress=report("detector"), seed=profile.train.seed)
+    if detector_from is None:
+        detector = fit_detector(patients, profile, det_epochs, device=device, progress=report("detector"), seed=profile.train.seed)
+    else:
+        detector = reuse_detector(detector_from, profile, training_set_digest(patients), device)
+        progress(f"{tag} detector: reused from {detector_from}")
     t1 = time.perf_counter()
     classifier = fit_classifier(patients, profile, cls_epochs, device=device, progress=report("classifier"), seed=profile.train.seed)
     t2 = time.perf_counter()
-    return detector, classifier, {"detector_s": round(t1 - t0, 1), "classifier_s": round(t2 - t1, 1)}
+    timing = {"detector_s": round(t1 - t0, 1), "classifier_s": round(t2 - t1, 1)}
+    if detector_from is not None:
+        timing["detector_reused_from"] = str(detector_from)
+    return detector, classifier, timing
 
 
 def export_and_check(detector, classifier, patients: Sequence[AnnotatedPatient], profile: Profile, out: Path) -> dict:
@@ -189,8 +244,16 @@ def read_cv_components(path: str | Path) -> tuple[list[Components], np.ndarray, 
     return comps, np.array(data["labels"], np.int64), np.array(data["folds"], np.int64)
 
 
-def run_training(dataset: str | Path, out: str | Path, profile: Profile, device: str = "cpu", progress: Progress | None = None) -> Path:
-    """The whole protocol above; returns the artifacts folder."""
+def run_training(
+    dataset: str | Path,
+    out: str | Path,
+    profile: Profile,
+    device: str = "cpu",
+    progress: Progress | None = None,
+    detectors_from: str | Path | None = None,
+) -> Path:
+    """The whole protocol above; returns the artifacts folder. ``detectors_from``: an earlier run's
+    artifacts whose fold and final detectors are reused (see the module docstring)."""
     import torch
 
     from wff.training.engine import save_checkpoint
@@ -213,12 +276,15 @@ def run_training(dataset: str | Path, out: str | Path, profile: Profile, device:
     for k, held_out in enumerate(folds):
         keep = np.setdiff1d(np.arange(len(patients)), held_out)
         tag = f"fold {k + 1}/{len(folds)}"
-        det, cls, timing = fit_models([patients[i] for i in keep], profile, profile.train.cv_epoch_scale, device, progress, tag)
+        fold_patients = [patients[i] for i in keep]
+        reused = None if detectors_from is None else fold_models_dir(detectors_from, k) / "detector.pt"
+        det, cls, timing = fit_models(fold_patients, profile, profile.train.cv_epoch_scale, device, progress, tag, reused)
         fold_prior = AgePrior.fit(ages[keep], labels[keep], profile.age)
         if profile.train.save_fold_models:
             fold_dir = fold_models_dir(out, k)
-            save_checkpoint(fold_dir / "detector.pt", det, profile, "detector", {"fold": k + 1})
-            save_checkpoint(fold_dir / "classifier.pt", cls, profile, "classifier", {"fold": k + 1})
+            extra = {"fold": k + 1, "patients": training_set_digest(fold_patients)}
+            save_checkpoint(fold_dir / "detector.pt", det, profile, "detector", extra)
+            save_checkpoint(fold_dir / "classifier.pt", cls, profile, "classifier", extra)
         comps = out_of_fold_components([patients[i] for i in held_out], det, cls, fold_prior, profile, device)
         for i, c in zip(held_out, comps):
             oof[i] = c
@@ -228,10 +294,12 @@ def run_training(dataset: str | Path, out: str | Path, profile: Profile, device:
     report["cv"] = settings.cv
     write_cv_components(out / CV_COMPONENTS, oof, labels, folds)
 
-    det, cls, timing = fit_models(patients, profile, 1.0, device, progress, "final")
+    reused = None if detectors_from is None else Path(detectors_from) / "detector.pt"
+    det, cls, timing = fit_models(patients, profile, 1.0, device, progress, "final", reused)
     report["timings"]["final"] = timing
-    save_checkpoint(out / "detector.pt", det, profile, "detector", {})
-    save_checkpoint(out / "classifier.pt", cls, profile, "classifier", {})
+    extra = {"patients": training_set_digest(patients)}
+    save_checkpoint(out / "detector.pt", det, profile, "detector", extra)
+    save_checkpoint(out / "classifier.pt", cls, profile, "classifier", extra)
     report["onnx_parity"] = export_and_check(det, cls, patients, profile, out)
 
     profile.save(out / "profile.json")
