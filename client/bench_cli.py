@@ -1,6 +1,6 @@
 """``wff bench``: throughput of the served ensemble, and of the same models without Triton.
 
-    wff bench --artifacts runs/demo --dataset data/demo --concurrency 1,2,4,8 --duration 30 \\
+    wff bench --artifacts runs/demo --dataset data/paper --concurrency 1,2,4,8 --duration 30 \\
         --baseline --flops --json bench.json
 """
 

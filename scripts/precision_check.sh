@@ -3,12 +3,12 @@
 # tritonserver, serving.runtime_precision=f32 and =bf16 (OpenVINO), evaluates the test split
 # over gRPC each time and compares them patient by patient: decisions changed and the largest
 # change of the patient score per strategy, and both Table 3s. Writes runs/precision/.
-# Usage: bash scripts/precision_check.sh [ARTIFACTS [DATASET]]   (default runs/demo/artifacts data/demo)
+# Usage: bash scripts/precision_check.sh [ARTIFACTS [DATASET]]   (default runs/demo/artifacts data/paper)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
-ARTIFACTS="${1:-runs/demo/artifacts}" DATASET="${2:-data/demo}" exec "$ROOT/.venv/bin/python" - <<'PY'
+ARTIFACTS="${1:-runs/demo/artifacts}" DATASET="${2:-data/paper}" exec "$ROOT/.venv/bin/python" - <<'PY'
 import json
 import os
 from pathlib import Path
