@@ -189,16 +189,14 @@ def compare_evaluations(reference: Evaluation, other: Evaluation) -> dict:
     change of the patient score, recomputed from the returned components; plus each run's
     Table 3. Patients without a diagnosis in either run are left out and counted.
     """
-    from wff.ensemble.fusion import fuse
-
     theirs = {r.patient_id: r for r in other.diagnosed}
     pairs = [(r, theirs[r.patient_id]) for r in reference.diagnosed if r.patient_id in theirs]
     strategies = {}
-    for name, weights in reference.settings.strategies.items():
+    for name in reference.settings.strategies:
         if name not in other.settings.strategies:
             continue
-        a = [fuse(r.diagnosis.components(), weights, reference.settings.det_threshold) for r, _ in pairs]
-        b = [fuse(o.diagnosis.components(), other.settings.strategies[name], other.settings.det_threshold) for _, o in pairs]
+        a = [reference.settings.decide(r.diagnosis.components(), name) for r, _ in pairs]
+        b = [other.settings.decide(o.diagnosis.components(), name) for _, o in pairs]
         strategies[name] = {
             "patients": len(pairs),
             "decisions_changed": sum(x.label != y.label for x, y in zip(a, b)),

@@ -11,6 +11,11 @@ divided by the sum of the weights of the terms present, so P stays a probability
 Det-Age weights 0.45/0/0.1 do not sum to one). Images vote by P >= 0.5; the majority of images
 gives the series, the majority of series gives the patient.
 
+With ``fusion.calibrate`` the cross-validation also fits a calibration of D and M
+(ensemble.calibration, Platt scaling on the out-of-fold components) and
+:meth:`FusionSettings.decide` applies it before Eq. 1; the components themselves (what the
+server returns) stay the networks' outputs.
+
 Rules for the cases the paper leaves open (each has a unit test):
 
 * Images that vote: slices whose best box scores >= ``det_threshold``. A series with no such
@@ -33,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from wff.ensemble.calibration import Calibration, apply_calibration
 
 # Table 3 of the paper: which of (Det, Seq, Age) each strategy uses.
 STRATEGIES: dict[str, tuple[bool, bool, bool]] = {
@@ -112,7 +119,7 @@ class Decision:
     series_p: np.ndarray  # (Q,) float32 mean image P per series; NaN = abstained
 
 
-def _voters(scores: np.ndarray, d: np.ndarray, det_threshold: float) -> np.ndarray:
+def voting_slices(scores: np.ndarray, d: np.ndarray, det_threshold: float) -> np.ndarray:
     """Indices (into the series' slices) of the images that vote with a Det term."""
     has_box = ~np.isnan(d)
     voting = np.flatnonzero(has_box & (scores >= det_threshold))
@@ -131,7 +138,7 @@ def series_image_p(
         fixed_w, fixed_sum = fixed_w + l2, fixed_sum + l2 * m
     if l3 > 0 and not math.isnan(a):
         fixed_w, fixed_sum = fixed_w + l3, fixed_sum + l3 * a
-    voting = _voters(scores, d, det_threshold) if l1 > 0 else np.array([], np.int64)
+    voting = voting_slices(scores, d, det_threshold) if l1 > 0 else np.array([], np.int64)
     if voting.size:
         return ((l1 * d[voting] + fixed_sum) / (l1 + fixed_w)).astype(np.float32)
     if fixed_w > 0:
@@ -182,16 +189,24 @@ class FusionSettings:
     det_threshold: float = 0.5
     strategies: dict[str, tuple[float, float, float]] = field(default_factory=lambda: dict(PAPER_WEIGHTS))
     cv: dict = field(default_factory=dict)  # per strategy: chosen weights and fold metrics
+    calibration: Calibration = Calibration()  # of D and M before Eq. 1 (identity: none)
 
     @property
     def served_weights(self) -> tuple[float, float, float]:
         return self.strategies[self.served_strategy]
+
+    def decide(self, components: Components, strategy: str | None = None) -> Decision:
+        """The diagnosis of one patient by ``strategy`` (default: the served one): D and M
+        calibrated, then :func:`fuse` with the strategy's weights at the voting threshold."""
+        weights = self.strategies[strategy or self.served_strategy]
+        return fuse(apply_calibration(components, self.calibration), weights, self.det_threshold)
 
     def to_dict(self) -> dict:
         return {
             "served_strategy": self.served_strategy,
             "det_threshold": self.det_threshold,
             "strategies": {k: list(v) for k, v in self.strategies.items()},
+            "calibration": self.calibration.to_dict(),
             "cv": self.cv,
         }
 
@@ -199,7 +214,8 @@ class FusionSettings:
     def from_dict(cls, data: dict, where: str = "fusion settings") -> "FusionSettings":
         try:
             strategies = {k: tuple(float(x) for x in v) for k, v in data["strategies"].items()}
-            settings = cls(data["served_strategy"], float(data["det_threshold"]), strategies, data.get("cv", {}))
+            calibration = Calibration.from_dict(data.get("calibration"))  # absent in runs before 2026-12-06: none
+            settings = cls(data["served_strategy"], float(data["det_threshold"]), strategies, data.get("cv", {}), calibration)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{where}: malformed fusion settings ({e}); rebuild them with wff train") from e
         unknown = sorted(set(strategies) - set(STRATEGIES))

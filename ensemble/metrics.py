@@ -62,11 +62,12 @@ def strategy_table(
     components: Sequence[Components], labels: Sequence[int], settings: FusionSettings
 ) -> dict[str, dict[str, float]]:
     """Table 3: every strategy's metrics, recomputed from the components (no new inference)."""
-    return {
-        name: strategy_metrics(components, labels, settings.strategies[name], settings.det_threshold)
-        for name in STRATEGIES
-        if name in settings.strategies
-    }
+    table = {}
+    for name in STRATEGIES:
+        if name in settings.strategies:
+            decisions = [settings.decide(c, name) for c in components]
+            table[name] = binary_metrics(labels, [d.label for d in decisions], [d.p_malignant for d in decisions])
+    return table
 
 
 def format_table(table: Mapping[str, Mapping[str, float]]) -> str:

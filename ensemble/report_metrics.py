@@ -6,7 +6,7 @@
 * the ROC curve of each strategy's patient score (:func:`roc_curve`).
 
 Everything is recomputed from :class:`wff.ensemble.fusion.Components`, as returned by the
-server, with :func:`wff.ensemble.fusion.fuse`: no new inference. Malignant is the positive class.
+server, with :meth:`wff.ensemble.fusion.FusionSettings.decide`: no new inference. Malignant is the positive class.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Collection, Mapping, Sequence
 import numpy as np
 
 from wff.config import LOCATIONS
-from wff.ensemble.fusion import STRATEGIES, Components, Decision, FusionSettings, fuse
+from wff.ensemble.fusion import STRATEGIES, Components, Decision, FusionSettings
 from wff.ensemble.metrics import strategy_table
 
 # Fig. 7 of the paper: which series each analysis keeps (wff.config.SEQUENCES names); None = all.
@@ -56,7 +56,7 @@ def restrict_components(components: Components, series_sequences: Sequence[str],
 def strategy_decisions(components: Sequence[Components], settings: FusionSettings) -> dict[str, list[Decision]]:
     """Every strategy's decision for every patient, in Table 3's strategy order."""
     return {
-        name: [fuse(c, settings.strategies[name], settings.det_threshold) for c in components]
+        name: [settings.decide(c, name) for c in components]
         for name in STRATEGIES
         if name in settings.strategies
     }

@@ -16,7 +16,7 @@ import numpy as np
 from wff.config import Profile
 from wff.ensemble.age_prior import AgePrior, check_age
 from wff.ensemble.crop import crop_patient
-from wff.ensemble.fusion import Components, FusionSettings, best_boxes, fuse
+from wff.ensemble.fusion import Components, FusionSettings, best_boxes
 from wff.ensemble.types import InputError, PreparedPatient
 
 Arrays = Mapping[str, np.ndarray]
@@ -92,7 +92,7 @@ def fusion(inputs: Arrays, settings: FusionSettings, age_prior: AgePrior) -> dic
         series_m=np.asarray(inputs["fusion_series_probs"], np.float32)[:, 1],
         age_a=float("nan") if math.isnan(age) else age_prior(age),
     )
-    decision = fuse(components, settings.served_weights, settings.det_threshold)
+    decision = settings.decide(components)
     return {
         "fusion_diagnosis": np.array([b"malignant" if decision.label else b"benign"], dtype=np.object_),
         "fusion_p_malignant": np.array([decision.p_malignant], np.float32),

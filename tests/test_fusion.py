@@ -142,3 +142,26 @@ class TestFusionSettings:
         (tmp_path / "f.json").write_text('{"served_strategy": "X", "det_threshold": 0.5, "strategies": {"Det": [1,0,0]}}')
         with pytest.raises(ValueError, match="f.json"):
             load_fusion_settings(tmp_path / "f.json")
+
+    def test_round_trip_with_calibration(self, tmp_path):
+        from wff.ensemble.calibration import Calibration, Platt
+
+        s = FusionSettings(calibration=Calibration(Platt(0.5, 0.1), Platt(1.2, -0.3)))
+        s.save(tmp_path / "fusion.json")
+        assert load_fusion_settings(tmp_path / "fusion.json") == s
+
+    def test_runs_without_calibration_load_uncalibrated(self, tmp_path):
+        """fusion.json written before calibration existed has no "calibration": the identity."""
+        (tmp_path / "f.json").write_text('{"served_strategy": "Det", "det_threshold": 0.5, "strategies": {"Det": [1,0,0]}}')
+        assert load_fusion_settings(tmp_path / "f.json").calibration.d.is_identity
+
+    def test_decide_calibrates_before_eq1(self):
+        """An over-confident D (0.95) that outvotes age (0.2) at equal weights stops doing so once
+        tempered (a = 0.25: 0.95 -> 0.67): (0.67 + 0.2) / 2 < 0.5."""
+        from wff.ensemble.calibration import Calibration, Platt
+
+        c = components([0.95], [0.9], [0], [0.5], a=0.2)
+        raw = FusionSettings("Det-Age", 0.5, {"Det-Age": (0.5, 0.0, 0.5)})
+        tempered = FusionSettings("Det-Age", 0.5, {"Det-Age": (0.5, 0.0, 0.5)}, calibration=Calibration(d=Platt(0.25, 0.0)))
+        assert raw.decide(c).label == 1 and tempered.decide(c).label == 0
+        assert raw.decide(c).p_malignant == pytest.approx(fuse(c, (0.5, 0.0, 0.5), 0.5).p_malignant)

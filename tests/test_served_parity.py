@@ -6,6 +6,7 @@ two folds) during the session; the embedded repository is served by the real tri
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -169,3 +170,33 @@ class TestReusedDetectors:
         _, source = trained
         with pytest.raises(ValueError, match="other patients"):
             reuse_detector(source / "detector.pt", TINY_TRAINED, "0" * 16)
+
+
+class TestReusedFinalModels:
+    def test_cv_only_run_keeps_the_final_models(self, trained, tmp_path):
+        """--final-from: a run with full-length fold models (train.cv_epoch_scale 1) reuses the final
+        detector and classifier unchanged and trains only the folds."""
+        import torch
+
+        from wff.training.checkpoint import load_checkpoint
+
+        data, source = trained
+        profile = TINY_TRAINED.replace(train={"cv_epoch_scale": 1.0})
+        artifacts = run_training(data, tmp_path / "artifacts", profile, final_from=source)
+        for kind in ("detector", "classifier"):
+            old, _ = load_checkpoint(source / f"{kind}.pt", kind)
+            new, _ = load_checkpoint(artifacts / f"{kind}.pt", kind)
+            assert all(torch.equal(old["model"][k], new["model"][k]) for k in old["model"])
+        report = json.loads((artifacts / "train_report.json").read_text())
+        assert report["timings"]["final"]["reused_from"] == str(source)
+
+    def test_other_classifier_settings_are_refused(self, trained, tmp_path):
+        data, source = trained
+        profile = TINY_TRAINED.replace(classifier={"clip_len": 4})
+        with pytest.raises(ValueError, match=r"classifier\.clip_len"):
+            run_training(data, tmp_path / "artifacts", profile, final_from=source)
+
+    def test_not_with_detectors_from(self, trained, tmp_path):
+        data, source = trained
+        with pytest.raises(ValueError, match="not both"):
+            run_training(data, tmp_path / "artifacts", TINY_TRAINED, detectors_from=source, final_from=source)

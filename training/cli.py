@@ -40,7 +40,11 @@ def progress_printer(message: str) -> None:
 @click.option("--detectors-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Artifacts of an earlier run on the same dataset: reuse its fold and final detectors (same image, detector "
                    "and CV settings required) and train only the classifiers.")
-def train(dataset: Path, profile_name: str, out: Path | None, device: str, overrides: tuple[str, ...], detectors_from: Path | None) -> None:
+@click.option("--final-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Artifacts of an earlier run on the same dataset: reuse its final detector and classifier (same image, "
+                   "detector, classifier settings and train.seed required) and train only the cross-validation folds.")
+def train(dataset: Path, profile_name: str, out: Path | None, device: str, overrides: tuple[str, ...], detectors_from: Path | None,
+          final_from: Path | None) -> None:
     """Train detector and sequence classifier, choose the fusion weights by cross-validation,
     export ONNX and write the artifacts the server needs."""
     from wff.training.train import run_training
@@ -53,9 +57,36 @@ def train(dataset: Path, profile_name: str, out: Path | None, device: str, overr
     profile = apply_overrides(get_profile(profile_name), overrides)
     out = out or Path("runs") / profile.name
     try:
-        run_training(dataset, out, profile, device=device, progress=progress_printer, detectors_from=detectors_from)
+        run_training(dataset, out, profile, device=device, progress=progress_printer, detectors_from=detectors_from, final_from=final_from)
     except (ValueError, FileNotFoundError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     report = json.loads((out / "train_report.json").read_text())
     click.echo(json.dumps({"artifacts": str(out), "cv": report["cv"]["out_of_fold"], "onnx_parity": report["onnx_parity"]}, indent=2))
+
+
+@click.command("refit-fusion")
+@click.argument("artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="fusion.KEY=VALUE",
+              help="Fusion setting to change, e.g. fusion.calibrate=true or fusion.cv_metric=acc (repeatable).")
+def refit_fusion(artifacts: Path, overrides: tuple[str, ...]) -> None:
+    """Choose the fusion weights, voting threshold and calibration of a trained run again from its
+    out-of-fold components (cv_components.json), with some fusion settings changed; nothing is
+    trained. Rewrites fusion.json, profile.json and train_report.json in ARTIFACTS; rebuild the
+    model repository (wff repo build) to serve the new choice."""
+    from wff.config import load_profile
+    from wff.training.train import refit_fusion as refit
+
+    try:
+        current = load_profile(artifacts / "profile.json")
+        changed = apply_overrides(current, overrides)
+        fusion_changes = {k: v for k, v in changed.to_dict()["fusion"].items() if v != current.to_dict()["fusion"][k]}
+        others = [o for o in overrides if not o.startswith("fusion.")]
+        if others:
+            raise ValueError(f"{others}: refit-fusion changes fusion.* settings only")
+        settings = refit(artifacts, fusion_changes, progress=progress_printer)
+    except (ValueError, FileNotFoundError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps({"artifacts": str(artifacts), **settings.to_dict()}, indent=2))
+

@@ -23,7 +23,14 @@ With ``detectors_from`` (``wff train --detectors-from``), every detector (each f
 final one) is taken from an earlier run's artifacts instead of being trained again, after
 checking that it was trained with the same image, detector and CV settings and on the same
 patients: what a classifier-only study such as the clip-length ablation needs, at the cost of
-the classifier fits alone.
+the classifier fits alone. With ``final_from`` (``wff train --final-from``), the final detector
+and classifier are taken from an earlier run (same image, detector and classifier settings,
+train.seed and train.max_steps, same patients) and only the folds are trained: what a study of
+the cross-validation itself (e.g. full-length fold models, train.cv_epoch_scale = 1) needs.
+
+``refit_fusion`` (``wff refit-fusion ARTIFACTS``) redoes only the choice of step 3 from the
+run's cv_components.json with other fusion settings (metric, threshold grid, calibration):
+nothing is trained and the test split is not read.
 
 The test split is not touched here: it is used once, by ``wff evaluate``.
 """
@@ -40,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wff.config import Profile
+from wff.config import Profile, load_profile
 from wff.contracts import StepContract, contracts_for
 from wff.ensemble.age_prior import AgePrior
 from wff.ensemble.fusion import Components, FusionSettings
@@ -110,6 +117,10 @@ def out_of_fold_components(
 
 
 DETECTOR_TRAIN_KEYS = ("seed", "cv_folds", "cv_epoch_scale", "max_steps")  # train.* settings a detector fit depends on
+# train.* settings a final fit depends on (the final models see every training patient at full epochs, seeded
+# with train.seed, whatever the folds are)
+FINAL_TRAIN_KEYS = ("seed", "max_steps")
+MODEL_SECTIONS = {"detector": ("image", "detector"), "classifier": ("image", "classifier")}  # profile sections a fit depends on
 
 
 def training_set_digest(patients: Sequence[AnnotatedPatient]) -> str:
@@ -118,26 +129,33 @@ def training_set_digest(patients: Sequence[AnnotatedPatient]) -> str:
     return hashlib.sha256(ids.encode()).hexdigest()[:16]
 
 
-def reuse_detector(path: Path, profile: Profile, digest: str, device: str = "cpu"):
-    """The detector checkpoint at ``path``, in place of a new fit with ``profile`` on the patients of ``digest``.
+def reuse_model(path: Path, kind: str, profile: Profile, digest: str, train_keys: Sequence[str], option: str, device: str = "cpu"):
+    """The ``kind`` ("detector" or "classifier") checkpoint at ``path``, in place of a new fit with
+    ``profile`` on the patients of ``digest``.
 
-    Raises ValueError naming the settings that differ (image.*, detector.*, or the train.* keys of
-    DETECTOR_TRAIN_KEYS) or when the checkpoint records other training patients; a checkpoint
-    written before digests were recorded is checked on its settings only.
+    Raises ValueError naming the settings that differ (the MODEL_SECTIONS of ``kind``, or the
+    ``train_keys`` of train.*) or when the checkpoint records other training patients; a
+    checkpoint written before digests were recorded is checked on its settings only. ``option``
+    names the command-line option in the advice.
     """
-    from wff.training.checkpoint import load_checkpoint, load_detector
+    from wff.training.checkpoint import load_checkpoint, load_classifier, load_detector
 
-    ckpt, saved = load_checkpoint(path, "detector")
+    ckpt, saved = load_checkpoint(path, kind)
     ours, theirs = profile.to_dict(), saved.to_dict()
-    differ = [f"{s}.{k}" for s in ("image", "detector") for k in ours[s] if ours[s][k] != theirs[s][k]]
-    differ += [f"train.{k}" for k in DETECTOR_TRAIN_KEYS if ours["train"][k] != theirs["train"][k]]
+    differ = [f"{s}.{k}" for s in MODEL_SECTIONS[kind] for k in ours[s] if ours[s][k] != theirs[s][k]]
+    differ += [f"train.{k}" for k in train_keys if ours["train"][k] != theirs["train"][k]]
     if differ:
-        raise ValueError(f"{path}: trained with other settings ({', '.join(differ)}); train the detectors again (no --detectors-from)")
+        raise ValueError(f"{path}: trained with other settings ({', '.join(differ)}); train the {kind} again (no {option})")
     recorded = ckpt["extra"].get("patients")
     if recorded is not None and recorded != digest:
-        raise ValueError(f"{path}: trained on other patients than this run's; reuse detectors only with the same dataset and folds")
-    model, _ = load_detector(path, device)
+        raise ValueError(f"{path}: trained on other patients than this run's; use {option} only with the same dataset and folds")
+    model, _ = (load_detector if kind == "detector" else load_classifier)(path, device)
     return model
+
+
+def reuse_detector(path: Path, profile: Profile, digest: str, device: str = "cpu"):
+    """A fold or final detector for ``--detectors-from`` (see :func:`reuse_model`; DETECTOR_TRAIN_KEYS)."""
+    return reuse_model(path, "detector", profile, digest, DETECTOR_TRAIN_KEYS, "--detectors-from", device)
 
 
 def fit_models(
@@ -251,15 +269,19 @@ def run_training(
     device: str = "cpu",
     progress: Progress | None = None,
     detectors_from: str | Path | None = None,
+    final_from: str | Path | None = None,
 ) -> Path:
     """The whole protocol above; returns the artifacts folder. ``detectors_from``: an earlier run's
-    artifacts whose fold and final detectors are reused (see the module docstring)."""
+    artifacts whose fold and final detectors are reused; ``final_from``: an earlier run's artifacts
+    whose final detector and classifier are reused (see the module docstring)."""
     import torch
 
     from wff.training.engine import save_checkpoint
 
     progress = progress or log.info
     dataset, out = Path(dataset), Path(out)
+    if detectors_from is not None and final_from is not None:
+        raise ValueError("use --detectors-from or --final-from, not both")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(profile.train.num_threads)
     torch.manual_seed(profile.train.seed)
@@ -270,6 +292,13 @@ def run_training(
     ages = np.array([p.record.age for p in patients], np.float64)
     prior = AgePrior.fit(ages, labels, profile.age)
     report: dict = {"profile": profile.name, "patients": len(patients), "malignant": int(labels.sum()), "timings": {}}
+    final_models = None
+    if final_from is not None:  # checked before the folds are trained
+        digest = training_set_digest(patients)
+        final_models = tuple(
+            reuse_model(Path(final_from) / f"{kind}.pt", kind, profile, digest, FINAL_TRAIN_KEYS, "--final-from", device)
+            for kind in ("detector", "classifier")
+        )
 
     folds = stratified_folds(labels, profile.train.cv_folds, profile.train.seed)
     oof: list[Components | None] = [None] * len(patients)
@@ -295,7 +324,11 @@ def run_training(
     write_cv_components(out / CV_COMPONENTS, oof, labels, folds)
 
     reused = None if detectors_from is None else Path(detectors_from) / "detector.pt"
-    det, cls, timing = fit_models(patients, profile, 1.0, device, progress, "final", reused)
+    if final_models is None:
+        det, cls, timing = fit_models(patients, profile, 1.0, device, progress, "final", reused)
+    else:
+        (det, cls), timing = final_models, {"reused_from": str(final_from)}
+        progress(f"final detector and classifier: reused from {final_from}")
     report["timings"]["final"] = timing
     extra = {"patients": training_set_digest(patients)}
     save_checkpoint(out / "detector.pt", det, profile, "detector", extra)
@@ -309,3 +342,37 @@ def run_training(
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     progress(f"artifacts written to {out} in {report['timings']['total_s']} s")
     return out
+
+
+# fusion.* settings the out-of-fold components do not depend on, so they can be changed after training
+# (fusion.det_threshold also picks the crop's region, which made the components: not refittable)
+REFIT_FUSION_KEYS = ("strategy", "det_threshold_grid", "grid_step", "cv_metric", "calibrate")
+
+
+def refit_fusion(artifacts: str | Path, fusion_overrides: dict, progress: Progress | None = None) -> FusionSettings:
+    """Choose the fusion again from ``artifacts``/cv_components.json with some fusion settings
+    changed, and rewrite fusion.json, profile.json (its fusion section) and train_report.json
+    (its ``cv``, plus a ``fusion_refits`` entry). The models are untouched."""
+    progress = progress or log.info
+    artifacts = Path(artifacts)
+    bad = sorted(set(fusion_overrides) - set(REFIT_FUSION_KEYS))
+    if bad:
+        raise ValueError(f"fusion settings {bad} cannot be changed after training (the components depend on them); "
+                         f"refit changes only {list(REFIT_FUSION_KEYS)}; retrain with wff train --set for the others")
+    source = artifacts / CV_COMPONENTS
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: not found; refit needs the out-of-fold components that wff train writes")
+    profile = load_profile(artifacts / "profile.json")
+    profile = profile.replace(fusion={k: tuple(v) if isinstance(v, list) else v for k, v in fusion_overrides.items()})
+    comps, labels, _ = read_cv_components(source)
+    progress(f"choosing the fusion on {len(labels)} patients' out-of-fold components with {fusion_overrides or 'the saved settings'}")
+    settings = choose_fusion(comps, labels, profile.fusion)
+    settings.save(artifacts / "fusion.json")
+    profile.save(artifacts / "profile.json")
+    report_path = artifacts / "train_report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report["cv"] = settings.cv
+    report.setdefault("fusion_refits", []).append({"overrides": fusion_overrides, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    return settings
+

@@ -14,6 +14,7 @@ import click
 COMMANDS = {
     "data": "wff.training.data_cli:data",
     "train": "wff.training.cli:train",
+    "refit-fusion": "wff.training.cli:refit_fusion",
     "repo": "wff.serving.cli:repo",
     "serve": "wff.serving.cli:serve",
     "trt": "wff.serving.trt_cli:trt",

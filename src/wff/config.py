@@ -97,6 +97,8 @@ class FusionConfig:
     det_threshold_grid: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
     grid_step: float = 0.05  # step of the simplex grid searched by cross-validation
     cv_metric: str = "balanced_acc"  # what the weight search maximises: "balanced_acc" (mean of SE, SP) or "acc"
+    # Platt-calibrate D and M on the out-of-fold components before choosing the weights (ensemble.calibration)
+    calibrate: bool = False
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,11 @@ def _stage(name: str) -> None:
 @click.option("--metrics-port", type=int, default=8002, show_default=True)
 @click.option("--detectors-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Artifacts of an earlier run on the same dataset whose detectors are reused (see wff train).")
+@click.option("--final-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Artifacts of an earlier run on the same dataset whose final models are reused (see wff train).")
 @click.option("--fresh", is_flag=True, help="Redo every stage even if its output exists.")
-def demo(size, data_dir, out, profile_name, overrides, concurrency, grpc_port, http_port, metrics_port, detectors_from, fresh) -> None:
+def demo(size, data_dir, out, profile_name, overrides, concurrency, grpc_port, http_port, metrics_port, detectors_from, final_from,
+         fresh) -> None:
     """Synthesize, train, serve with tritonserver and evaluate the test split over gRPC."""
     from wff.client.evaluate import evaluate
     from wff.client.report import format_per_location, format_sequences, write_report
@@ -70,7 +73,7 @@ def demo(size, data_dir, out, profile_name, overrides, concurrency, grpc_port, h
     t = time.perf_counter()
     if not (artifacts / "fusion.json").exists():
         profile = apply_overrides(get_profile(profile_name), overrides)
-        run_training(data_dir, artifacts, profile, progress=progress_printer, detectors_from=detectors_from)
+        run_training(data_dir, artifacts, profile, progress=progress_printer, detectors_from=detectors_from, final_from=final_from)
     timings["train_s"] = round(time.perf_counter() - t, 1)
 
     _stage(f"3/4 embedded Triton repository -> {repository}")

@@ -1,0 +1,68 @@
+"""wff refit-fusion: the fusion chosen again from a run's out-of-fold components, nothing trained."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from wff.cli import main
+from wff.config import SMALL, load_profile
+from wff.ensemble.fusion import Components, load_fusion_settings
+from wff.training.cv import choose_fusion
+from wff.training.train import CV_COMPONENTS, refit_fusion, write_cv_components
+
+
+def run_folder(tmp_path):
+    """A trained run's folder as far as refit needs it: profile.json, cv_components.json, train_report.json.
+    D is over-confident (0.99 / 0.01, right for 7 of 10 patients per class); age is informative."""
+    comps, labels = [], []
+    for y in (0, 1):
+        for i in range(10):
+            right = i < 7
+            d = 0.99 if (y == 1) == right else 0.01
+            comps.append(Components(np.array([d], np.float32), np.array([0.9], np.float32), np.array([0], np.int32),
+                                    np.array([0.5], np.float32), 0.7 if y else 0.3))
+            labels.append(y)
+    labels = np.array(labels)
+    folds = [np.flatnonzero(np.arange(20) % 2 == k) for k in (0, 1)]
+    SMALL.save(tmp_path / "profile.json")
+    write_cv_components(tmp_path / CV_COMPONENTS, comps, labels, folds)
+    choose_fusion(comps, labels, SMALL.fusion).save(tmp_path / "fusion.json")
+    (tmp_path / "train_report.json").write_text(json.dumps({"cv": {}, "onnx_parity": {}}))
+    return tmp_path
+
+
+def test_refit_with_calibration_rewrites_the_run(tmp_path):
+    art = run_folder(tmp_path)
+    before = load_fusion_settings(art / "fusion.json")
+    assert before.calibration.d.is_identity
+    settings = refit_fusion(art, {"calibrate": True})
+    saved = load_fusion_settings(art / "fusion.json")
+    assert saved == settings and 0 < saved.calibration.d.a < 1
+    assert load_profile(art / "profile.json").fusion.calibrate is True
+    report = json.loads((art / "train_report.json").read_text())
+    assert report["cv"] == json.loads(json.dumps(settings.cv)) and report["fusion_refits"][0]["overrides"] == {"calibrate": True}
+
+
+def test_settings_the_components_depend_on_are_refused(tmp_path):
+    art = run_folder(tmp_path)
+    with pytest.raises(ValueError, match="det_threshold"):
+        refit_fusion(art, {"det_threshold": 0.3})
+
+
+def test_missing_components_named(tmp_path):
+    SMALL.save(tmp_path / "profile.json")
+    with pytest.raises(FileNotFoundError, match="cv_components.json"):
+        refit_fusion(tmp_path, {"calibrate": True})
+
+
+def test_cli(tmp_path):
+    art = run_folder(tmp_path)
+    result = CliRunner().invoke(main, ["refit-fusion", str(art), "--set", "fusion.calibrate=true", "--set", "fusion.det_threshold_grid=[0.1, 0.5]"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["calibration"]["d"][0] < 1 and out["det_threshold"] in (0.1, 0.5)
+    assert load_profile(art / "profile.json").fusion.det_threshold_grid == (0.1, 0.5)
+    bad = CliRunner().invoke(main, ["refit-fusion", str(art), "--set", "detector.epochs=2"])
+    assert bad.exit_code == 2 and "fusion.* settings only" in bad.output
