@@ -2,7 +2,7 @@
 
 `wff train` keeps every training patient's out-of-fold components in cv_components.json. This
 study asks whether a fusion option (here: choosing the voting threshold from
-fusion.det_threshold_grid) generalises: for each fold k, the weights (and threshold) are chosen
+fusion.det_threshold_grid, or calibrating D and M with fusion.calibrate) generalises: for each fold k, the weights (and threshold) are chosen
 on the other folds' components, exactly as `wff train` chooses them, and scored on fold k, which
 took no part in the choice. The pooled held-out decisions give ACC, AUC, SE, SP per option.
 
@@ -34,8 +34,9 @@ def nested(artifacts: Path, profile_name: str) -> dict:
     fusion = profile.fusion
     grid = fusion.det_threshold_grid or FusionConfig().det_threshold_grid  # runs trained with the grid off
     options = {
-        f"fixed det_threshold {fusion.det_threshold:g}": dataclasses.replace(fusion, det_threshold_grid=()),
-        f"threshold chosen from {list(grid)}": dataclasses.replace(fusion, det_threshold_grid=grid),
+        f"fixed det_threshold {fusion.det_threshold:g}": dataclasses.replace(fusion, det_threshold_grid=(), calibrate=False),
+        f"threshold chosen from {list(grid)}": dataclasses.replace(fusion, det_threshold_grid=grid, calibrate=False),
+        f"threshold chosen from {list(grid)}, D and M calibrated": dataclasses.replace(fusion, det_threshold_grid=grid, calibrate=True),
     }
     result: dict = {"artifacts": str(artifacts), "patients": len(labels), "strategy": fusion.strategy, "options": {}}
     for name, cfg in options.items():
@@ -44,7 +45,9 @@ def nested(artifacts: Path, profile_name: str) -> dict:
         result["options"][name] = {"held_out": {k: m[k] for k in ("acc", "auc", "se", "sp")}, "per_fold": chosen}
         print(f"{name}: ACC {m['acc']:.3f} AUC {m['auc']:.3f} SE {m['se']:.3f} SP {m['sp']:.3f}", file=sys.stderr)
         for c in chosen:
-            print(f"    fold {c['fold']}: weights {c['weights']}, threshold {c['det_threshold']:g}", file=sys.stderr)
+            cal = c["calibration"]
+            print(f"    fold {c['fold']}: weights {c['weights']}, threshold {c['det_threshold']:g}, "
+                  f"calibration D a={cal['d'][0]:.2f} b={cal['d'][1]:.2f}, M a={cal['m'][0]:.2f} b={cal['m'][1]:.2f}", file=sys.stderr)
     return result
 
 
