@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from wff.ensemble.fusion import STRATEGIES, Components, FusionSettings, fuse
+from wff.ensemble.fusion import STRATEGIES, Components, Decision, FusionSettings, fuse
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -48,26 +48,29 @@ def binary_metrics(labels: Sequence[int], predictions: Sequence[int], scores: Se
     }
 
 
+def decision_metrics(labels: Sequence[int], decisions: Sequence[Decision]) -> dict[str, float]:
+    """:func:`binary_metrics` of the patients' fused decisions (label, and score for the AUC)."""
+    return binary_metrics(labels, [d.label for d in decisions], [d.p_malignant for d in decisions])
+
+
 def strategy_metrics(
     components: Sequence[Components],
     labels: Sequence[int],
     weights: tuple[float, float, float],
     det_threshold: float,
 ) -> dict[str, float]:
-    decisions = [fuse(c, weights, det_threshold) for c in components]
-    return binary_metrics(labels, [d.label for d in decisions], [d.p_malignant for d in decisions])
+    return decision_metrics(labels, [fuse(c, weights, det_threshold) for c in components])
 
 
 def strategy_table(
     components: Sequence[Components], labels: Sequence[int], settings: FusionSettings
 ) -> dict[str, dict[str, float]]:
     """Table 3: every strategy's metrics, recomputed from the components (no new inference)."""
-    table = {}
-    for name in STRATEGIES:
-        if name in settings.strategies:
-            decisions = [settings.decide(c, name) for c in components]
-            table[name] = binary_metrics(labels, [d.label for d in decisions], [d.p_malignant for d in decisions])
-    return table
+    return {
+        name: decision_metrics(labels, [settings.decide(c, name) for c in components])
+        for name in STRATEGIES
+        if name in settings.strategies
+    }
 
 
 def format_table(table: Mapping[str, Mapping[str, float]]) -> str:

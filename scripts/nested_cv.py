@@ -2,9 +2,9 @@
 
 `wff train` keeps every training patient's out-of-fold components in cv_components.json. This
 study asks whether a fusion option (here: choosing the voting threshold from
-fusion.det_threshold_grid, or calibrating D and M with fusion.calibrate) generalises: for each fold k, the weights (and threshold) are chosen
-on the other folds' components, exactly as `wff train` chooses them, and scored on fold k, which
-took no part in the choice. The pooled held-out decisions give ACC, AUC, SE, SP per option.
+fusion.det_threshold_grid, or calibrating D and M with fusion.calibrate) generalises: for each
+fold k, the weights (and threshold, and calibration) are chosen on the other folds' components,
+exactly as `wff train` chooses them, and scored on fold k, which took no part in the choice. The pooled held-out decisions give ACC, AUC, SE, SP per option.
 
     .venv/bin/python scripts/nested_cv.py runs/demo/artifacts [--json FILE]
 

@@ -78,12 +78,12 @@ def refit_fusion(artifacts: Path, overrides: tuple[str, ...]) -> None:
     from wff.training.train import refit_fusion as refit
 
     try:
-        current = load_profile(artifacts / "profile.json")
-        changed = apply_overrides(current, overrides)
-        fusion_changes = {k: v for k, v in changed.to_dict()["fusion"].items() if v != current.to_dict()["fusion"][k]}
         others = [o for o in overrides if not o.startswith("fusion.")]
         if others:
             raise ValueError(f"{others}: refit-fusion changes fusion.* settings only")
+        current = load_profile(artifacts / "profile.json")
+        before, after = current.to_dict()["fusion"], apply_overrides(current, overrides).to_dict()["fusion"]
+        fusion_changes = {k: v for k, v in after.items() if v != before[k]}
         settings = refit(artifacts, fusion_changes, progress=progress_printer)
     except (ValueError, FileNotFoundError) as e:
         click.echo(f"error: {e}", err=True)

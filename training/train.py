@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wff.config import Profile, load_profile
+from wff.config import Profile, load_profile, profile_from_dict
 from wff.contracts import StepContract, contracts_for
 from wff.ensemble.age_prior import AgePrior
 from wff.ensemble.fusion import Components, FusionSettings
@@ -362,8 +362,10 @@ def refit_fusion(artifacts: str | Path, fusion_overrides: dict, progress: Progre
     source = artifacts / CV_COMPONENTS
     if not source.is_file():
         raise FileNotFoundError(f"{source}: not found; refit needs the out-of-fold components that wff train writes")
-    profile = load_profile(artifacts / "profile.json")
-    profile = profile.replace(fusion={k: tuple(v) if isinstance(v, list) else v for k, v in fusion_overrides.items()})
+    where = artifacts / "profile.json"
+    data = load_profile(where).to_dict()
+    data["fusion"].update(fusion_overrides)
+    profile = profile_from_dict(data, where=f"{where} with {fusion_overrides}")
     comps, labels, _ = read_cv_components(source)
     progress(f"choosing the fusion on {len(labels)} patients' out-of-fold components with {fusion_overrides or 'the saved settings'}")
     settings = choose_fusion(comps, labels, profile.fusion)
