@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -42,10 +44,19 @@ def load_yaml(path: Path):
     return yaml.safe_load(path.read_text())
 
 
-def dockerfile_commands():
-    import dockerfile  # BuildKit's parser (dev dependency)
+_PARSE = "import dockerfile, json, sys; print(json.dumps([[c.cmd, list(c.value)] for c in dockerfile.parse_file(sys.argv[1])]))"
 
-    return dockerfile.parse_file(str(DOCKER / "Dockerfile"))
+
+@functools.cache
+def _parsed_dockerfile() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    # BuildKit's parser (dev dependency ``dockerfile``) is Go code: its runtime is kept out of the
+    # pytest process, where it once crashed the whole session with a segmentation fault
+    out = subprocess.run([sys.executable, "-c", _PARSE, str(DOCKER / "Dockerfile")], check=True, capture_output=True, text=True)
+    return tuple((cmd, tuple(value)) for cmd, value in json.loads(out.stdout))
+
+
+def dockerfile_commands():
+    return [SimpleNamespace(cmd=cmd, value=value) for cmd, value in _parsed_dockerfile()]
 
 
 # --------------------------------------------------------------------------- Dockerfile
