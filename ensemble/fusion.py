@@ -11,6 +11,11 @@ divided by the sum of the weights of the terms present, so P stays a probability
 Det-Age weights 0.45/0/0.1 do not sum to one). Images vote by P >= 0.5; the majority of images
 gives the series, the majority of series gives the patient.
 
+The vote threshold (0.5 above) is a per-strategy setting: with ``fusion.vote_threshold_grid`` the
+cross-validation chooses it with the weights, for an operating point other than the equal-prior
+one (``fusion.cv_metric = "expected_acc"`` at ``fusion.prevalence``). The default grid holds 0.5
+only, the paper's rule.
+
 With ``fusion.calibrate`` the cross-validation also fits a calibration of D and M
 (ensemble.calibration, Platt scaling on the out-of-fold components) and
 :meth:`FusionSettings.decide` applies it before Eq. 1; the components themselves (what the
@@ -22,8 +27,9 @@ Rules for the cases the paper leaves open (each has a unit test):
   slice falls back on its single best-scoring box; a series with no box at all has no Det term.
 * A term that is missing (no box, no age) drops out of the weighted mean. A series none of
   whose active terms is present abstains; a patient whose series all abstain gets P = 0.5.
-* Ties: an image with P = 0.5 votes malignant; a series with as many malignant as benign
-  image votes takes its mean P (>= 0.5 malignant); likewise a patient with tied series votes.
+* Ties: an image with P = t (the vote threshold) votes malignant; a series with as many
+  malignant as benign image votes takes its mean P (>= t malignant); likewise a patient with tied
+  series votes.
   Malignant is the positive class, so ties lean to the finding that must not be missed.
 * The patient's continuous score (for AUC) is the mean over voting series of the series'
   mean image P.
@@ -146,39 +152,62 @@ def series_image_p(
     return np.array([], np.float32)
 
 
-def _majority(votes: np.ndarray, mean_p: float) -> int:
+def _majority(votes: np.ndarray, mean_p: float, vote_threshold: float) -> int:
     malignant = int((votes == 1).sum())
     benign = int((votes == 0).sum())
     if malignant != benign:
         return int(malignant > benign)
-    return int(mean_p >= VOTE_THRESHOLD)
+    return int(mean_p >= vote_threshold)
 
 
-def fuse(components: Components, weights: tuple[float, float, float], det_threshold: float) -> Decision:
-    """Eq. 1 per image, then majority votes: images -> series -> patient."""
+def _check_vote_threshold(t: float) -> None:
+    if not 0.0 < t < 1.0:
+        raise ValueError(f"a vote threshold must lie strictly between 0 and 1, got {t}")
+
+
+def image_p(components: Components, weights: tuple[float, float, float], det_threshold: float) -> list[np.ndarray]:
+    """Eq. 1's P of every voting image, one array per series (empty where the series abstains)."""
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"fusion weights must be >= 0 with a positive sum, got {weights}")
-    n_series = len(components.series_m)
-    votes = np.full(n_series, -1, np.int32)
-    series_p = np.full(n_series, np.nan, np.float32)
-    for q in range(n_series):
+    out = []
+    for q in range(len(components.series_m)):
         members = components.slice_series == q
-        p = series_image_p(
+        out.append(series_image_p(
             components.slice_d[members],
             components.slice_score[members],
             float(components.series_m[q]),
             components.age_a,
             weights,
             det_threshold,
-        )
+        ))
+    return out
+
+
+def vote(series_images: list[np.ndarray], vote_threshold: float = VOTE_THRESHOLD) -> Decision:
+    """The majority votes over :func:`image_p`'s output: images -> series -> patient."""
+    _check_vote_threshold(vote_threshold)
+    n_series = len(series_images)
+    votes = np.full(n_series, -1, np.int32)
+    series_p = np.full(n_series, np.nan, np.float32)
+    for q, p in enumerate(series_images):
         if p.size:
             series_p[q] = p.mean()
-            votes[q] = _majority((p >= VOTE_THRESHOLD).astype(np.int32), float(series_p[q]))
+            votes[q] = _majority((p >= vote_threshold).astype(np.int32), float(series_p[q]), vote_threshold)
     voted = votes >= 0
     if not voted.any():
         return Decision(1, VOTE_THRESHOLD, votes, series_p)
     p_patient = float(series_p[voted].mean())
-    return Decision(_majority(votes[voted], p_patient), p_patient, votes, series_p)
+    return Decision(_majority(votes[voted], p_patient, vote_threshold), p_patient, votes, series_p)
+
+
+def fuse(
+    components: Components,
+    weights: tuple[float, float, float],
+    det_threshold: float,
+    vote_threshold: float = VOTE_THRESHOLD,
+) -> Decision:
+    """Eq. 1 per image, then majority votes at ``vote_threshold``: images -> series -> patient."""
+    return vote(image_p(components, weights, det_threshold), vote_threshold)
 
 
 @dataclass(frozen=True)
@@ -190,22 +219,33 @@ class FusionSettings:
     strategies: dict[str, tuple[float, float, float]] = field(default_factory=lambda: dict(PAPER_WEIGHTS))
     cv: dict = field(default_factory=dict)  # per strategy: chosen weights and fold metrics
     calibration: Calibration = Calibration()  # of D and M before Eq. 1 (identity: none)
+    vote_thresholds: dict[str, float] = field(default_factory=dict)  # per strategy; absent: 0.5
+
+    def __post_init__(self) -> None:  # every strategy gets its vote threshold, 0.5 unless given
+        object.__setattr__(self, "vote_thresholds",
+                           {k: float(self.vote_thresholds.get(k, VOTE_THRESHOLD)) for k in self.strategies}
+                           | {k: float(v) for k, v in self.vote_thresholds.items() if k not in self.strategies})
 
     @property
     def served_weights(self) -> tuple[float, float, float]:
         return self.strategies[self.served_strategy]
 
+    def vote_threshold(self, strategy: str | None = None) -> float:
+        return self.vote_thresholds.get(strategy or self.served_strategy, VOTE_THRESHOLD)
+
     def decide(self, components: Components, strategy: str | None = None) -> Decision:
         """The diagnosis of one patient by ``strategy`` (default: the served one): D and M
-        calibrated, then :func:`fuse` with the strategy's weights at the voting threshold."""
+        calibrated, then :func:`fuse` with the strategy's weights and vote threshold."""
         weights = self.strategies[strategy or self.served_strategy]
-        return fuse(apply_calibration(components, self.calibration), weights, self.det_threshold)
+        return fuse(apply_calibration(components, self.calibration), weights, self.det_threshold,
+                    self.vote_threshold(strategy))
 
     def to_dict(self) -> dict:
         return {
             "served_strategy": self.served_strategy,
             "det_threshold": self.det_threshold,
             "strategies": {k: list(v) for k, v in self.strategies.items()},
+            "vote_thresholds": dict(self.vote_thresholds),
             "calibration": self.calibration.to_dict(),
             "cv": self.cv,
         }
@@ -215,14 +255,22 @@ class FusionSettings:
         try:
             strategies = {k: tuple(float(x) for x in v) for k, v in data["strategies"].items()}
             calibration = Calibration.from_dict(data.get("calibration"))  # absent in runs before 2026-12-06: none
-            settings = cls(data["served_strategy"], float(data["det_threshold"]), strategies, data.get("cv", {}), calibration)
-        except (KeyError, TypeError, ValueError) as e:
+            votes = {k: float(v) for k, v in data.get("vote_thresholds", {}).items()}  # absent before 2026-12-06: 0.5
+            settings = cls(data["served_strategy"], float(data["det_threshold"]), strategies, data.get("cv", {}),
+                           calibration, votes)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{where}: malformed fusion settings ({e}); rebuild them with wff train") from e
         unknown = sorted(set(strategies) - set(STRATEGIES))
         if unknown or settings.served_strategy not in strategies:
             raise ValueError(f"{where}: strategies must be among {list(STRATEGIES)}, served one included")
         if any(len(w) != 3 for w in strategies.values()):
             raise ValueError(f"{where}: every strategy needs three weights (l1, l2, l3)")
+        if set(votes) - set(strategies):
+            raise ValueError(f"{where}: vote_thresholds name strategies {sorted(set(votes) - set(strategies))} "
+                             "that have no weights")
+        for name, t in votes.items():
+            if not 0.0 < t < 1.0:
+                raise ValueError(f"{where}: vote_thresholds[{name!r}] = {t} must lie strictly between 0 and 1")
         return settings
 
     def save(self, path: str | Path) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from wff.ensemble.fusion import STRATEGIES, Components, Decision, FusionSettings, fuse
+from wff.ensemble.fusion import STRATEGIES, VOTE_THRESHOLD, Components, Decision, FusionSettings, image_p, vote
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -58,8 +58,11 @@ def strategy_metrics(
     labels: Sequence[int],
     weights: tuple[float, float, float],
     det_threshold: float,
-) -> dict[str, float]:
-    return decision_metrics(labels, [fuse(c, weights, det_threshold) for c in components])
+    vote_thresholds: Sequence[float] = (VOTE_THRESHOLD,),
+) -> list[dict[str, float]]:
+    """The patients' metrics with these weights at each vote threshold (Eq. 1 computed once)."""
+    images = [image_p(c, weights, det_threshold) for c in components]
+    return [decision_metrics(labels, [vote(i, t) for i in images]) for t in vote_thresholds]
 
 
 def strategy_table(

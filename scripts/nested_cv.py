@@ -7,6 +7,12 @@ fold k, the weights (and threshold, and calibration) are chosen on the other fol
 exactly as `wff train` chooses them, and scored on fold k, which took no part in the choice. The pooled held-out decisions give ACC, AUC, SE, SP per option.
 
     .venv/bin/python scripts/nested_cv.py runs/demo/artifacts [--json FILE]
+    .venv/bin/python scripts/nested_cv.py runs/demo/artifacts --prevalence 0.357 [--vote-grid 0.4,0.5,0.6]
+
+With ``--prevalence P`` it compares the operating point instead: the default (balanced accuracy,
+vote threshold 0.5) against ``fusion.cv_metric = expected_acc`` at P, with the vote threshold 0.5
+and chosen from the grid; every option is also scored by the accuracy it would have where a
+fraction P of the patients is malignant, P x SE + (1 - P) x SP of the held-out decisions.
 
 Reads no images and trains nothing: about a minute of CPU for 120 patients (3 minutes of wall time
 beside a training run on 2 cores).
@@ -26,27 +32,47 @@ from wff.training.cv import nested_choice
 from wff.training.train import CV_COMPONENTS, read_cv_components
 
 
-def nested(artifacts: Path, profile_name: str) -> dict:
+def study_options(fusion: FusionConfig, prevalence: float | None, vote_grid: tuple[float, ...]) -> dict[str, FusionConfig]:
+    grid = fusion.det_threshold_grid or FusionConfig().det_threshold_grid  # runs trained with the grid off
+    if prevalence is None:
+        return {
+            f"fixed det_threshold {fusion.det_threshold:g}": dataclasses.replace(fusion, det_threshold_grid=(), calibrate=False),
+            f"threshold chosen from {list(grid)}": dataclasses.replace(fusion, det_threshold_grid=grid, calibrate=False),
+            f"threshold chosen from {list(grid)}, D and M calibrated": dataclasses.replace(fusion, det_threshold_grid=grid, calibrate=True),
+        }
+    base = dataclasses.replace(fusion, det_threshold_grid=grid, calibrate=False)
+    return {
+        "balanced_acc, vote threshold 0.5": dataclasses.replace(base, cv_metric="balanced_acc", vote_threshold_grid=(0.5,)),
+        f"expected_acc at {prevalence:g}, vote threshold 0.5": dataclasses.replace(
+            base, cv_metric="expected_acc", prevalence=prevalence, vote_threshold_grid=(0.5,)),
+        f"expected_acc at {prevalence:g}, vote threshold from {list(vote_grid)}": dataclasses.replace(
+            base, cv_metric="expected_acc", prevalence=prevalence, vote_threshold_grid=vote_grid),
+    }
+
+
+def nested(artifacts: Path, profile_name: str, prevalence: float | None = None, vote_grid: tuple[float, ...] = ()) -> dict:
     # profile.json is written when training ends; cv_components.json before the final fits
     saved = artifacts / "profile.json"
     profile = load_profile(saved) if saved.is_file() else get_profile(profile_name)
     comps, labels, folds = read_cv_components(artifacts / CV_COMPONENTS)
     fusion = profile.fusion
-    grid = fusion.det_threshold_grid or FusionConfig().det_threshold_grid  # runs trained with the grid off
-    options = {
-        f"fixed det_threshold {fusion.det_threshold:g}": dataclasses.replace(fusion, det_threshold_grid=(), calibrate=False),
-        f"threshold chosen from {list(grid)}": dataclasses.replace(fusion, det_threshold_grid=grid, calibrate=False),
-        f"threshold chosen from {list(grid)}, D and M calibrated": dataclasses.replace(fusion, det_threshold_grid=grid, calibrate=True),
-    }
-    result: dict = {"artifacts": str(artifacts), "patients": len(labels), "strategy": fusion.strategy, "options": {}}
+    options = study_options(fusion, prevalence, vote_grid)
+    result: dict = {"artifacts": str(artifacts), "patients": len(labels), "strategy": fusion.strategy,
+                    "prevalence": prevalence, "options": {}}
     for name, cfg in options.items():
         pred, score, chosen = nested_choice(comps, labels, folds, cfg)
         m = binary_metrics(labels, pred, score)
-        result["options"][name] = {"held_out": {k: m[k] for k in ("acc", "auc", "se", "sp")}, "per_fold": chosen}
-        print(f"{name}: ACC {m['acc']:.3f} AUC {m['auc']:.3f} SE {m['se']:.3f} SP {m['sp']:.3f}", file=sys.stderr)
+        held = {k: m[k] for k in ("acc", "auc", "se", "sp")}
+        line = f"{name}: ACC {m['acc']:.3f} AUC {m['auc']:.3f} SE {m['se']:.3f} SP {m['sp']:.3f}"
+        if prevalence is not None:
+            held["expected_acc"] = prevalence * m["se"] + (1 - prevalence) * m["sp"]
+            line += f"; expected ACC at {prevalence:g}: {held['expected_acc']:.3f}"
+        result["options"][name] = {"held_out": held, "per_fold": chosen}
+        print(line, file=sys.stderr)
         for c in chosen:
             cal = c["calibration"]
             print(f"    fold {c['fold']}: weights {c['weights']}, threshold {c['det_threshold']:g}, "
+                  f"vote threshold {c['vote_threshold']:g}, "
                   f"calibration D a={cal['d'][0]:.2f} b={cal['d'][1]:.2f}, M a={cal['m'][0]:.2f} b={cal['m'][1]:.2f}", file=sys.stderr)
     return result
 
@@ -56,10 +82,17 @@ def main() -> None:
     ap.add_argument("artifacts", type=Path, help="a run's artifacts folder (with cv_components.json and profile.json)")
     ap.add_argument("--profile", default="small", help="profile to use while profile.json is not yet written (default small)")
     ap.add_argument("--json", type=Path, help="write the result here")
+    ap.add_argument("--prevalence", type=float, help="compare operating points for this malignant fraction instead")
+    ap.add_argument("--vote-grid", default="0.4,0.45,0.5,0.55,0.6,0.65,0.7",
+                    help="vote thresholds for --prevalence, comma-separated (default %(default)s)")
     args = ap.parse_args()
     if not (args.artifacts / CV_COMPONENTS).is_file():
         sys.exit(f"{args.artifacts / CV_COMPONENTS}: not found; runs trained before 2026-12-02 lack it (retrain with wff train)")
-    result = nested(args.artifacts, args.profile)
+    try:
+        vote_grid = tuple(float(v) for v in args.vote_grid.split(","))
+    except ValueError:
+        sys.exit(f"--vote-grid {args.vote_grid!r}: expected numbers separated by commas, e.g. 0.4,0.5,0.6")
+    result = nested(args.artifacts, args.profile, args.prevalence, vote_grid)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -54,6 +54,52 @@ class TestChooseWeights:
             choose_weights([patient(0.9, 0.9), patient(0.1, 0.1)], [1, 0], FusionConfig(cv_metric="f1"))
 
 
+class TestOperatingPoint:
+    # M alone: malignant patients 0.9, 0.7, 0.55; benign 0.6, 0.45, 0.3, 0.2. At 0.5 the benign 0.6 is a
+    # false positive (SE 1, SP 3/4); at 0.65 the malignant 0.55 is missed instead (SE 2/3, SP 1).
+    COMPS = [patient(0.5, m) for m in (0.9, 0.7, 0.55, 0.6, 0.45, 0.3, 0.2)]
+    LABELS = [1, 1, 1, 0, 0, 0, 0]
+
+    def choose(self, **kw):
+        return choose_weights(self.COMPS, self.LABELS, FusionConfig(grid_step=0.25, vote_threshold_grid=(0.5, 0.65), **kw))
+
+    def test_a_rare_malignant_class_moves_the_vote_threshold_up(self):
+        """expected_acc at a low prevalence prefers SP: the higher vote threshold wins, and it is served."""
+        settings = self.choose(cv_metric="expected_acc", prevalence=0.2)
+        assert settings.vote_threshold("Seq") == 0.65
+        out = settings.cv["out_of_fold"]["Seq"]
+        assert (out["se"], out["sp"], out["vote_threshold"]) == (pytest.approx(2 / 3), 1.0, 0.65)
+        assert settings.cv["prevalence"] == 0.2
+        assert [settings.decide(c, "Seq").label for c in self.COMPS] == [1, 1, 0, 0, 0, 0, 0]
+
+    def test_a_common_malignant_class_keeps_the_paper_rule(self):
+        """At prevalence 0.8, SE matters more: 0.5 (the paper's larger-probability rule) wins."""
+        settings = self.choose(cv_metric="expected_acc", prevalence=0.8)
+        assert settings.vote_threshold("Seq") == 0.5
+        assert [settings.decide(c, "Seq").label for c in self.COMPS] == [1, 1, 1, 1, 0, 0, 0]
+
+    def test_ties_go_to_the_paper_rule(self):
+        """balanced_acc: 0.875 at both thresholds, and AUC is the same, so 0.5 is kept."""
+        assert self.choose(cv_metric="balanced_acc").vote_threshold("Seq") == 0.5
+
+    def test_settings_round_trip(self, tmp_path):
+        from wff.ensemble.fusion import load_fusion_settings
+
+        settings = self.choose(cv_metric="expected_acc", prevalence=0.2)
+        settings.save(tmp_path / "fusion.json")
+        again = load_fusion_settings(tmp_path / "fusion.json")
+        assert again.vote_thresholds == settings.vote_thresholds and again.vote_threshold("Seq") == 0.65
+
+    @pytest.mark.parametrize("kw, match", [
+        ({"cv_metric": "expected_acc", "prevalence": 1.0}, "fusion.prevalence"),
+        ({"vote_threshold_grid": ()}, "fusion.vote_threshold_grid"),
+        ({"vote_threshold_grid": (0.5, 1.0)}, "fusion.vote_threshold_grid"),
+    ])
+    def test_bad_search_settings_are_refused(self, kw, match):
+        with pytest.raises(ValueError, match=match):
+            choose_weights(self.COMPS, self.LABELS, FusionConfig(**kw))
+
+
 def series_patient(scores, d, m=0.5):
     n = len(scores)
     return Components(np.array(d, np.float32), np.array(scores, np.float32), np.zeros(n, np.int32), np.array([m], np.float32), float("nan"))

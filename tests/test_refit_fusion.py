@@ -66,3 +66,20 @@ def test_cli(tmp_path):
     assert load_profile(art / "profile.json").fusion.det_threshold_grid == (0.1, 0.5)
     bad = CliRunner().invoke(main, ["refit-fusion", str(art), "--set", "detector.epochs=2"])
     assert bad.exit_code == 2 and "fusion.* settings only" in bad.output
+
+
+def test_cli_operating_point(tmp_path):
+    """A prevalence and a vote-threshold grid go through --set, land in profile.json, and the
+    chosen thresholds in fusion.json; a prevalence outside (0, 1) is refused naming the key."""
+    art = run_folder(tmp_path)
+    result = CliRunner().invoke(main, ["refit-fusion", str(art), "--set", "fusion.cv_metric=expected_acc",
+                                       "--set", "fusion.prevalence=0.3", "--set", "fusion.vote_threshold_grid=[0.4, 0.5, 0.6]"])
+    assert result.exit_code == 0, result.output
+    fusion = load_profile(art / "profile.json").fusion
+    assert (fusion.cv_metric, fusion.prevalence, fusion.vote_threshold_grid) == ("expected_acc", 0.3, (0.4, 0.5, 0.6))
+    saved = load_fusion_settings(art / "fusion.json")
+    assert set(saved.vote_thresholds) == set(saved.strategies) and set(saved.vote_thresholds.values()) <= {0.4, 0.5, 0.6}
+    assert saved.cv["prevalence"] == 0.3
+    bad = CliRunner().invoke(main, ["refit-fusion", str(art), "--set", "fusion.prevalence=1.5",
+                                    "--set", "fusion.cv_metric=expected_acc"])
+    assert bad.exit_code != 0 and "fusion.prevalence" in bad.output

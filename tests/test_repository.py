@@ -1,5 +1,6 @@
 """wff repo build: generated configs parse, agree with the contracts, and wire the ensemble consistently."""
 
+import dataclasses
 import json
 
 import pytest
@@ -16,6 +17,7 @@ from wff.serving.repository import (
     PYTHON_STEPS,
     TARGETS,
     build_repository,
+    fusion_parameters,
     read_config,
     settings_from_parameters,
 )
@@ -100,6 +102,22 @@ class TestConfigs:
         params = {k: v.string_value for k, v in configs["fusion"].parameters.items()}
         assert settings_from_parameters(params).strategies == load_fusion_settings(tiny_artifacts / "fusion.json").strategies
         assert len(json.loads(params["strategies"])) == 6
+
+    def test_fusion_parameters_carry_what_decides(self):
+        """Vote thresholds and calibration reach the client too, so its Table 3 matches the server's decisions."""
+        from wff.ensemble.calibration import Calibration, Platt
+
+        s = FusionSettings(det_threshold=0.2, calibration=Calibration(Platt(0.5, 0.1), Platt(1.2, -0.3)),
+                           vote_thresholds={"Det": 0.65})
+        back = settings_from_parameters(fusion_parameters(s))
+        assert back == dataclasses.replace(s, cv={})
+        assert back.vote_threshold("Det") == 0.65 and back.vote_threshold("Seq") == 0.5
+
+    def test_fusion_parameters_of_older_repositories(self):
+        """A repository built before vote thresholds and calibration were parameters reads as 0.5 and none."""
+        params = {k: v for k, v in fusion_parameters(FusionSettings()).items() if k in ("served_strategy", "det_threshold", "strategies")}
+        back = settings_from_parameters(params)
+        assert back.calibration.d.is_identity and set(back.vote_thresholds.values()) == {0.5}
 
 
 class TestTargets:

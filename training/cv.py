@@ -9,7 +9,15 @@ import numpy as np
 
 from wff.config import FusionConfig
 from wff.ensemble.calibration import Calibration, Platt, apply_calibration, balanced_weights
-from wff.ensemble.fusion import PAPER_WEIGHTS, STRATEGIES, Components, FusionSettings, voting_slices, weight_grid
+from wff.ensemble.fusion import (
+    PAPER_WEIGHTS,
+    STRATEGIES,
+    VOTE_THRESHOLD,
+    Components,
+    FusionSettings,
+    voting_slices,
+    weight_grid,
+)
 from wff.ensemble.metrics import strategy_metrics
 
 
@@ -29,16 +37,32 @@ def stratified_folds(labels: Sequence[int], k: int, seed: int) -> list[np.ndarra
     return [np.sort(np.array(f)) for f in folds]
 
 
-CV_METRICS = ("balanced_acc", "acc")
+CV_METRICS = ("balanced_acc", "acc", "expected_acc")
 
 
-def _objective(m: dict[str, float], metric: str) -> float:
+def _objective(m: dict[str, float], metric: str, prevalence: float = 0.5) -> float:
+    """What the search maximises. ``expected_acc``: the accuracy expected where a fraction
+    ``prevalence`` of the patients is malignant, prevalence x SE + (1 - prevalence) x SP, from
+    the training patients' class-wise rates (``balanced_acc`` is its value at 0.5)."""
     if metric == "acc":
         return m["acc"]
-    if metric == "balanced_acc":
+    if metric in ("balanced_acc", "expected_acc"):
+        pi = prevalence if metric == "expected_acc" else 0.5
         se, sp = (0.0 if np.isnan(m[k]) else m[k] for k in ("se", "sp"))
-        return (se + sp) / 2
+        return pi * se + (1 - pi) * sp
     raise ValueError(f"fusion.cv_metric must be one of {CV_METRICS}, got {metric!r}")
+
+
+def check_search(cfg: FusionConfig) -> None:
+    """Reject fusion search settings that cannot work, before any training time is spent."""
+    _objective({"acc": 0.0, "se": 0.0, "sp": 0.0}, cfg.cv_metric, cfg.prevalence)
+    if not 0.0 < cfg.prevalence < 1.0:
+        raise ValueError(f"fusion.prevalence must lie strictly between 0 and 1 (the malignant fraction of the "
+                         f"patients to be diagnosed), got {cfg.prevalence}")
+    grid = tuple(cfg.vote_threshold_grid)
+    if not grid or any(not 0.0 < t < 1.0 for t in grid):
+        raise ValueError(f"fusion.vote_threshold_grid needs values strictly between 0 and 1 (0.5: the paper's "
+                         f"larger-probability rule), got {list(grid)}")
 
 
 def _auc_key(m: dict[str, float]) -> float:
@@ -88,35 +112,44 @@ def _fit(p: list, y: list, w: list) -> Platt:
 def choose_weights(
     components: Sequence[Components], labels: Sequence[int], cfg: FusionConfig
 ) -> FusionSettings:
-    """For each strategy, the grid weights with the best out-of-fold ``cfg.cv_metric`` (then AUC).
+    """For each strategy, the grid weights and vote threshold (``cfg.vote_threshold_grid``) with
+    the best out-of-fold ``cfg.cv_metric`` (then AUC).
 
     ``balanced_acc`` (mean of SE and SP) does not reward leaning towards the training set's
     majority class, which a test population with another class mix would punish; ``acc`` is
-    plain accuracy.
+    plain accuracy on the training set's mix; ``expected_acc`` is the accuracy expected at
+    ``cfg.prevalence``, the malignant fraction of the population the service will diagnose.
 
-    Remaining ties go to the weights closest to the paper's (normalised), then to grid order,
-    so the choice is deterministic.
+    Remaining ties go to the weights closest to the paper's (normalised), then to the vote
+    threshold closest to 0.5, then to grid order, so the choice is deterministic.
 
     With ``cfg.calibrate``, D and M are first calibrated (:func:`fit_calibration` at
     ``cfg.det_threshold``, on the same components) and the weights chosen on the calibrated
     values; the settings carry that calibration.
     """
+    check_search(cfg)
     calibration = fit_calibration(components, labels, cfg.det_threshold) if cfg.calibrate else Calibration()
     components = [apply_calibration(c, calibration) for c in components]
+    votes = tuple(float(t) for t in cfg.vote_threshold_grid)
     strategies: dict[str, tuple[float, float, float]] = {}
+    vote_thresholds: dict[str, float] = {}
     report: dict[str, dict] = {}
     for name, mask in STRATEGIES.items():
         paper = np.array(PAPER_WEIGHTS[name]) / sum(PAPER_WEIGHTS[name])
         best_key, best = None, None
         for w in weight_grid(mask, cfg.grid_step):
-            m = strategy_metrics(components, labels, w, cfg.det_threshold)
-            key = (_objective(m, cfg.cv_metric), _auc_key(m), -float(np.abs(np.array(w) - paper).sum()))
-            if best_key is None or key > best_key:
-                best_key, best = key, (w, m)
-        strategies[name] = best[0]
-        report[name] = {"weights": list(best[0]), **{k: best[1][k] for k in ("acc", "auc", "se", "sp")}}
+            closeness = -float(np.abs(np.array(w) - paper).sum())
+            for t, m in zip(votes, strategy_metrics(components, labels, w, cfg.det_threshold, votes)):
+                key = (_objective(m, cfg.cv_metric, cfg.prevalence), _auc_key(m), closeness, -abs(t - VOTE_THRESHOLD))
+                if best_key is None or key > best_key:
+                    best_key, best = key, (w, t, m)
+        w, t, m = best
+        strategies[name], vote_thresholds[name] = w, t
+        report[name] = {"weights": list(w), "vote_threshold": t, **{k: m[k] for k in ("acc", "auc", "se", "sp")}}
     cv = {"out_of_fold": report, "patients": len(labels), "metric": cfg.cv_metric}
-    return FusionSettings(cfg.strategy, cfg.det_threshold, strategies, cv, calibration)
+    if cfg.cv_metric == "expected_acc":
+        cv["prevalence"] = cfg.prevalence
+    return FusionSettings(cfg.strategy, cfg.det_threshold, strategies, cv, calibration, vote_thresholds)
 
 
 def choose_fusion(components: Sequence[Components], labels: Sequence[int], cfg: FusionConfig) -> FusionSettings:
@@ -138,7 +171,7 @@ def choose_fusion(components: Sequence[Components], labels: Sequence[int], cfg: 
     for threshold in grid:
         settings = choose_weights(components, labels, dataclasses.replace(cfg, det_threshold=threshold))
         m = settings.cv["out_of_fold"][cfg.strategy]
-        objective = _objective(m, cfg.cv_metric)
+        objective = _objective(m, cfg.cv_metric, cfg.prevalence)
         tried[f"{threshold:g}"] = objective
         key = (objective, _auc_key(m), -abs(threshold - cfg.det_threshold))
         if best_key is None or key > best_key:
@@ -170,6 +203,7 @@ def nested_choice(
             "fold": int(k),
             "weights": list(settings.served_weights),
             "det_threshold": settings.det_threshold,
+            "vote_threshold": settings.vote_threshold(),
             "calibration": settings.calibration.to_dict(),
         })
         for i in held:

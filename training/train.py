@@ -54,7 +54,7 @@ from wff.ensemble.fusion import Components, FusionSettings
 from wff.ensemble.pipeline import Pipeline
 from wff.ensemble.steps import preprocess_outputs
 from wff.ensemble.types import AnnotatedPatient
-from wff.training.cv import choose_fusion, stratified_folds
+from wff.training.cv import check_search, choose_fusion, stratified_folds
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +282,7 @@ def run_training(
     dataset, out = Path(dataset), Path(out)
     if detectors_from is not None and final_from is not None:
         raise ValueError("use --detectors-from or --final-from, not both")
+    check_search(profile.fusion)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(profile.train.num_threads)
     torch.manual_seed(profile.train.seed)
@@ -346,7 +347,8 @@ def run_training(
 
 # fusion.* settings the out-of-fold components do not depend on, so they can be changed after training
 # (fusion.det_threshold also picks the crop's region, which made the components: not refittable)
-REFIT_FUSION_KEYS = ("strategy", "det_threshold_grid", "grid_step", "cv_metric", "calibrate")
+REFIT_FUSION_KEYS = ("strategy", "det_threshold_grid", "grid_step", "cv_metric", "calibrate", "prevalence",
+                     "vote_threshold_grid")
 
 
 def refit_fusion(artifacts: str | Path, fusion_overrides: dict, progress: Progress | None = None) -> FusionSettings:

@@ -96,7 +96,14 @@ class FusionConfig:
     # components were made with it. Empty: slices vote at det_threshold.
     det_threshold_grid: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
     grid_step: float = 0.05  # step of the simplex grid searched by cross-validation
-    cv_metric: str = "balanced_acc"  # what the weight search maximises: "balanced_acc" (mean of SE, SP) or "acc"
+    # what the weight search maximises: "balanced_acc" (mean of SE, SP), "acc" (on the training set's class
+    # mix) or "expected_acc" (prevalence x SE + (1 - prevalence) x SP: the accuracy expected where that
+    # fraction of the patients is malignant)
+    cv_metric: str = "balanced_acc"
+    prevalence: float = 0.5  # malignant fraction of the population to be diagnosed; used by "expected_acc"
+    # Eq. 1's image vote P >= t: cross-validation chooses t per strategy among these (0.5 alone: the paper's
+    # "category with the larger probability")
+    vote_threshold_grid: tuple[float, ...] = (0.5,)
     # Platt-calibrate D and M on the out-of-fold components before choosing the weights (ensemble.calibration)
     calibrate: bool = False
 

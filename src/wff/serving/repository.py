@@ -125,6 +125,8 @@ def fusion_parameters(settings: FusionSettings) -> dict[str, str]:
         "served_strategy": settings.served_strategy,
         "det_threshold": repr(float(settings.det_threshold)),
         "strategies": json.dumps({k: list(v) for k, v in settings.strategies.items()}),
+        "vote_thresholds": json.dumps(settings.vote_thresholds),
+        "calibration": json.dumps(settings.calibration.to_dict()),
     }
 
 
@@ -135,6 +137,9 @@ def settings_from_parameters(parameters: dict[str, str]) -> FusionSettings:
             "served_strategy": parameters["served_strategy"],
             "det_threshold": float(parameters["det_threshold"]),
             "strategies": json.loads(parameters["strategies"]),
+            # absent from repositories built before 2026-12-06: 0.5 and no calibration
+            "vote_thresholds": json.loads(parameters.get("vote_thresholds", "{}")),
+            "calibration": json.loads(parameters.get("calibration", "null")),
         },
         where="fusion model config parameters",
     )
