@@ -106,6 +106,8 @@ class Evaluation:
             "patients": len(self.results),
             "errors": self.errors,
             "served_strategy": self.settings.served_strategy,
+            # what made the decisions: weights, vote and voting thresholds, calibration (not the CV report)
+            "fusion": {k: v for k, v in self.settings.to_dict().items() if k != "cv"},
             "per_location": {
                 name: {loc: {**row, "error_rate": json_number(row["error_rate"])} for loc, row in rows.items()}
                 for name, rows in self.per_location().items()

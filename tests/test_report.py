@@ -188,6 +188,7 @@ class TestEvaluationDict:
         assert data["per_location"]["Det"]["sacral"] == {"patients": 0, "wrong": 0, "error_rate": None}
         assert data["sequences"]["T1"]["strategies"]["Det"] == {"acc": 0.5, "auc": None, "se": 0.5, "sp": None}
         assert data["sequences"]["T2"]["left_out"] == 1
+        assert data["fusion"]["strategies"]["Det"] == [1.0, 0.0, 0.0] and data["fusion"]["vote_thresholds"]["Det"] == 0.5
 
 
 @pytest.fixture(scope="module")
