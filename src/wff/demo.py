@@ -94,7 +94,8 @@ def demo(size, data_dir, out, profile_name, overrides, concurrency, grpc_port, h
     (out / "demo_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     click.echo(f"Table 3 on the test split, served by tritonserver over gRPC ({len(result.results)} patients, {result.errors} errors):")
     click.echo(format_table(result.table))
-    click.echo(f"served strategy {result.settings.served_strategy}, weights {result.settings.served_weights}")
+    click.echo(f"served strategy {result.settings.served_strategy}, weights {result.settings.served_weights}, "
+               f"voting threshold {result.settings.det_threshold:g}, vote threshold {result.settings.vote_threshold():g}")
     click.echo(format_per_location(result.to_dict()["per_location"]))
     click.echo(format_sequences(result.to_dict()["sequences"]))
     click.echo(f"report (Table 3, Fig. 6, Fig. 7, ROC as JSON, CSV and PNG): {out / 'report'} ({len(report_files)} files)")
