@@ -200,6 +200,26 @@ def vote(series_images: list[np.ndarray], vote_threshold: float = VOTE_THRESHOLD
     return Decision(_majority(votes[voted], p_patient, vote_threshold), p_patient, votes, series_p)
 
 
+def vote_labels(series_images: list[np.ndarray], vote_thresholds: np.ndarray) -> tuple[np.ndarray, float]:
+    """:func:`vote` at many thresholds at once: the patient's label at each (int array) and its
+    score (the same at every threshold). For the cross-validation's search; :func:`vote` is the
+    rule, and a test holds the two equal."""
+    t = np.asarray(vote_thresholds, np.float64)
+    voted = [p for p in series_images if p.size]
+    if not voted:
+        return np.ones(t.size, np.int64), VOTE_THRESHOLD
+    means = np.array([np.float32(p.mean()) for p in voted], np.float64)  # float32, as vote() stores it
+    series_votes = np.empty((t.size, len(voted)), np.int64)
+    for q, p in enumerate(voted):
+        malignant = (p[None, :] >= t[:, None].astype(np.float32)).sum(axis=1)
+        benign = p.size - malignant
+        series_votes[:, q] = np.where(malignant != benign, malignant > benign, means[q] >= t)
+    p_patient = float(means.astype(np.float32).mean())
+    malignant = series_votes.sum(axis=1)
+    benign = len(voted) - malignant
+    return np.where(malignant != benign, malignant > benign, p_patient >= t).astype(np.int64), p_patient
+
+
 def fuse(
     components: Components,
     weights: tuple[float, float, float],

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from wff.ensemble.fusion import STRATEGIES, VOTE_THRESHOLD, Components, Decision, FusionSettings, image_p, vote
+from wff.ensemble.fusion import STRATEGIES, VOTE_THRESHOLD, Components, Decision, FusionSettings, image_p, vote_labels
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -61,8 +61,11 @@ def strategy_metrics(
     vote_thresholds: Sequence[float] = (VOTE_THRESHOLD,),
 ) -> list[dict[str, float]]:
     """The patients' metrics with these weights at each vote threshold (Eq. 1 computed once)."""
-    images = [image_p(c, weights, det_threshold) for c in components]
-    return [decision_metrics(labels, [vote(i, t) for i in images]) for t in vote_thresholds]
+    thresholds = np.asarray(vote_thresholds, np.float64)
+    votes = [vote_labels(image_p(c, weights, det_threshold), thresholds) for c in components]
+    predictions = np.array([v[0] for v in votes]).reshape(len(votes), thresholds.size)
+    scores = [v[1] for v in votes]
+    return [binary_metrics(labels, predictions[:, k], scores) for k in range(thresholds.size)]
 
 
 def strategy_table(

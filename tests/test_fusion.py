@@ -13,6 +13,8 @@ from wff.ensemble.fusion import (
     fuse,
     load_fusion_settings,
     series_image_p,
+    vote,
+    vote_labels,
     weight_grid,
 )
 
@@ -165,3 +167,21 @@ class TestFusionSettings:
         tempered = FusionSettings("Det-Age", 0.5, {"Det-Age": (0.5, 0.0, 0.5)}, calibration=Calibration(d=Platt(0.25, 0.0)))
         assert raw.decide(c).label == 1 and tempered.decide(c).label == 0
         assert raw.decide(c).p_malignant == pytest.approx(fuse(c, (0.5, 0.0, 0.5), 0.5).p_malignant)
+
+
+class TestVoteLabels:
+    def test_matches_vote_at_every_threshold(self):
+        """The search's vectorised votes equal the served rule, ties and abstaining series included."""
+        rng = np.random.default_rng(0)
+        thresholds = np.array([0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7])
+        cases = [[], [np.array([], np.float32)], [np.array([0.5, 0.5], np.float32)],
+                 [np.array([0.4, 0.6], np.float32), np.array([0.55], np.float32)]]
+        for _ in range(300):
+            cases.append([rng.choice([0.3, 0.45, 0.5, 0.55, 0.6, 0.7], size=rng.integers(0, 5)).astype(np.float32)
+                          if rng.random() < 0.5 else rng.random(rng.integers(0, 5)).astype(np.float32)
+                          for _ in range(rng.integers(1, 5))])
+        for images in cases:
+            labels, score = vote_labels(images, thresholds)
+            for t, label in zip(thresholds, labels):
+                expected = vote(images, float(t))
+                assert (label, score) == (expected.label, expected.p_malignant), (images, t)
