@@ -152,12 +152,9 @@ def series_image_p(
     return np.array([], np.float32)
 
 
-def _majority(votes: np.ndarray, mean_p: float, vote_threshold: float) -> int:
-    malignant = int((votes == 1).sum())
-    benign = int((votes == 0).sum())
-    if malignant != benign:
-        return int(malignant > benign)
-    return int(mean_p >= vote_threshold)
+def _majority(malignant: np.ndarray, benign: np.ndarray, tie: np.ndarray) -> np.ndarray:
+    """1 where malignant votes outnumber benign ones, 0 where fewer, ``tie`` where as many."""
+    return np.where(malignant != benign, malignant > benign, tie).astype(np.int64)
 
 
 def _check_vote_threshold(t: float) -> None:
@@ -183,41 +180,41 @@ def image_p(components: Components, weights: tuple[float, float, float], det_thr
     return out
 
 
-def vote(series_images: list[np.ndarray], vote_threshold: float = VOTE_THRESHOLD) -> Decision:
-    """The majority votes over :func:`image_p`'s output: images -> series -> patient."""
-    _check_vote_threshold(vote_threshold)
+def _votes_at(
+    series_images: list[np.ndarray], vote_thresholds: np.ndarray
+) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """The majority votes at each of T thresholds: patient labels (T,), patient score,
+    series votes (T, Q) int32 (-1 = abstained) and series mean P (Q,) float32 (NaN = abstained)."""
+    t = np.asarray(vote_thresholds, np.float64).reshape(-1)
+    for value in t:
+        _check_vote_threshold(float(value))
     n_series = len(series_images)
-    votes = np.full(n_series, -1, np.int32)
+    series_votes = np.full((t.size, n_series), -1, np.int32)
     series_p = np.full(n_series, np.nan, np.float32)
     for q, p in enumerate(series_images):
         if p.size:
             series_p[q] = p.mean()
-            votes[q] = _majority((p >= vote_threshold).astype(np.int32), float(series_p[q]), vote_threshold)
-    voted = votes >= 0
+            malignant = (p[None, :] >= t[:, None].astype(np.float32)).sum(axis=1)  # images compare in float32
+            series_votes[:, q] = _majority(malignant, p.size - malignant, float(series_p[q]) >= t)
+    voted = series_votes[0] >= 0
     if not voted.any():
-        return Decision(1, VOTE_THRESHOLD, votes, series_p)
+        return np.ones(t.size, np.int64), VOTE_THRESHOLD, series_votes, series_p
     p_patient = float(series_p[voted].mean())
-    return Decision(_majority(votes[voted], p_patient, vote_threshold), p_patient, votes, series_p)
+    malignant = (series_votes[:, voted] == 1).sum(axis=1)
+    return _majority(malignant, int(voted.sum()) - malignant, p_patient >= t), p_patient, series_votes, series_p
+
+
+def vote(series_images: list[np.ndarray], vote_threshold: float = VOTE_THRESHOLD) -> Decision:
+    """The majority votes over :func:`image_p`'s output: images -> series -> patient."""
+    labels, p_patient, series_votes, series_p = _votes_at(series_images, np.array([vote_threshold]))
+    return Decision(int(labels[0]), p_patient, series_votes[0], series_p)
 
 
 def vote_labels(series_images: list[np.ndarray], vote_thresholds: np.ndarray) -> tuple[np.ndarray, float]:
-    """:func:`vote` at many thresholds at once: the patient's label at each (int array) and its
-    score (the same at every threshold). For the cross-validation's search; :func:`vote` is the
-    rule, and a test holds the two equal."""
-    t = np.asarray(vote_thresholds, np.float64)
-    voted = [p for p in series_images if p.size]
-    if not voted:
-        return np.ones(t.size, np.int64), VOTE_THRESHOLD
-    means = np.array([np.float32(p.mean()) for p in voted], np.float64)  # float32, as vote() stores it
-    series_votes = np.empty((t.size, len(voted)), np.int64)
-    for q, p in enumerate(voted):
-        malignant = (p[None, :] >= t[:, None].astype(np.float32)).sum(axis=1)
-        benign = p.size - malignant
-        series_votes[:, q] = np.where(malignant != benign, malignant > benign, means[q] >= t)
-    p_patient = float(means.astype(np.float32).mean())
-    malignant = series_votes.sum(axis=1)
-    benign = len(voted) - malignant
-    return np.where(malignant != benign, malignant > benign, p_patient >= t).astype(np.int64), p_patient
+    """:func:`vote` at many thresholds at once (the cross-validation's search): the patient's
+    label at each (int array) and its score (the same at every threshold)."""
+    labels, p_patient, _, _ = _votes_at(series_images, vote_thresholds)
+    return labels, p_patient
 
 
 def fuse(
@@ -242,9 +239,13 @@ class FusionSettings:
     vote_thresholds: dict[str, float] = field(default_factory=dict)  # per strategy; absent: 0.5
 
     def __post_init__(self) -> None:  # every strategy gets its vote threshold, 0.5 unless given
+        stray = sorted(set(self.vote_thresholds) - set(self.strategies))
+        if stray:
+            raise ValueError(f"vote_thresholds name strategies {stray} that have no weights")
+        for t in self.vote_thresholds.values():
+            _check_vote_threshold(float(t))
         object.__setattr__(self, "vote_thresholds",
-                           {k: float(self.vote_thresholds.get(k, VOTE_THRESHOLD)) for k in self.strategies}
-                           | {k: float(v) for k, v in self.vote_thresholds.items() if k not in self.strategies})
+                           {k: float(self.vote_thresholds.get(k, VOTE_THRESHOLD)) for k in self.strategies})
 
     @property
     def served_weights(self) -> tuple[float, float, float]:
@@ -285,12 +286,6 @@ class FusionSettings:
             raise ValueError(f"{where}: strategies must be among {list(STRATEGIES)}, served one included")
         if any(len(w) != 3 for w in strategies.values()):
             raise ValueError(f"{where}: every strategy needs three weights (l1, l2, l3)")
-        if set(votes) - set(strategies):
-            raise ValueError(f"{where}: vote_thresholds name strategies {sorted(set(votes) - set(strategies))} "
-                             "that have no weights")
-        for name, t in votes.items():
-            if not 0.0 < t < 1.0:
-                raise ValueError(f"{where}: vote_thresholds[{name!r}] = {t} must lie strictly between 0 and 1")
         return settings
 
     def save(self, path: str | Path) -> None:
