@@ -116,10 +116,11 @@ def settings_from_config(config: dict) -> FusionSettings:
     from wff.serving.repository import settings_from_parameters
 
     try:
-        params = {k: v["string_value"] for k, v in config["parameters"].items()}
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         return settings_from_parameters(params)
-    except KeyError as e:
-        raise DiagnosisError(f"the {FUSION_MODEL} model config has no fusion parameter {e}; rebuild the repository with wff repo build") from e
+    except (KeyError, ValueError) as e:
+        raise DiagnosisError(f"the {FUSION_MODEL} model config's fusion parameters are unusable ({e}); "
+                             "rebuild the repository with wff repo build") from e
 
 
 class DiagnosisClient:

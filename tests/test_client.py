@@ -19,6 +19,7 @@ from wff.client.grpc_client import (
     ServerUnavailable,
     build_inputs,
     read_patient_files,
+    settings_from_config,
     translate_error,
 )
 from wff.ensemble.diagnosis import Diagnosis
@@ -89,6 +90,22 @@ class TestTranslateError:
         err = translate_error(InferenceServerException("boom", status=status), timeout_s=3)
         assert type(err) is cls and err.status == status.removeprefix("StatusCode.")
 
+
+class TestSettingsFromConfig:
+    def test_round_trip(self):
+        """The client reads back the settings the repository builder wrote into the fusion config."""
+        from wff.serving.repository import fusion_parameters
+
+        s = FusionSettings(det_threshold=0.2, vote_thresholds={"Seq": 0.6})
+        config = {"parameters": {k: {"string_value": v} for k, v in fusion_parameters(s).items()}}
+        assert settings_from_config(config) == s
+
+    @pytest.mark.parametrize("config", [{}, {"parameters": {"served_strategy": {"string_value": "Det"}}},
+                                        {"parameters": {"strategies": {"string_value": "[1, 0"}}}])
+    def test_unusable_parameters(self, config):
+        """Missing or malformed fusion parameters are a DiagnosisError that says to rebuild the repository."""
+        with pytest.raises(DiagnosisError, match="fusion parameters are unusable.*wff repo build"):
+            settings_from_config(config)
 
 class FakeClient:
     """Stands in for AsyncDiagnosisClient: P3 is rejected, the others get a diagnosis."""

@@ -119,6 +119,13 @@ class TestConfigs:
         back = settings_from_parameters(params)
         assert back.calibration.d.is_identity and set(back.vote_thresholds.values()) == {0.5}
 
+    def test_fusion_parameters_malformed(self):
+        """A hand-edited parameter that is not JSON is named as such, with the fix, not a bare decode error."""
+        params = fusion_parameters(FusionSettings())
+        assert params["served_strategy"] == "Det-Seq-Age" and json.loads(params["det_threshold"]) == 0.5
+        with pytest.raises(ValueError, match="fusion model config parameters.*not JSON.*wff repo build"):
+            settings_from_parameters({**params, "strategies": "{Det: [1, 0, 0]"})
+
 
 class TestTargets:
     def test_model_files_per_target(self, built):

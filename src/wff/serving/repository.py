@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -120,29 +120,25 @@ def ensemble_config(contracts: Contracts) -> mc.ModelConfig:
 
 
 def fusion_parameters(settings: FusionSettings) -> dict[str, str]:
-    """The fusion settings as config parameters, readable by clients through get_model_config."""
-    return {
-        "served_strategy": settings.served_strategy,
-        "det_threshold": repr(float(settings.det_threshold)),
-        "strategies": json.dumps({k: list(v) for k, v in settings.strategies.items()}),
-        "vote_thresholds": json.dumps(settings.vote_thresholds),
-        "calibration": json.dumps(settings.calibration.to_dict()),
-    }
+    """The fusion settings as config parameters, readable by clients through get_model_config:
+    fusion.json's keys (:meth:`FusionSettings.to_dict`) without the cross-validation record,
+    strings as they are and everything else as JSON."""
+    data = settings.to_dict()
+    del data["cv"]  # per-fold metrics: not needed to decide, and large
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in data.items()}
 
 
 def settings_from_parameters(parameters: dict[str, str]) -> FusionSettings:
-    """Inverse of :func:`fusion_parameters` (values as plain strings)."""
-    return FusionSettings.from_dict(
-        {
-            "served_strategy": parameters["served_strategy"],
-            "det_threshold": float(parameters["det_threshold"]),
-            "strategies": json.loads(parameters["strategies"]),
-            # absent from repositories built before 2026-12-06: 0.5 and no calibration
-            "vote_thresholds": json.loads(parameters.get("vote_thresholds", "{}")),
-            "calibration": json.loads(parameters.get("calibration", "null")),
-        },
-        where="fusion model config parameters",
-    )
+    """Inverse of :func:`fusion_parameters` (values as plain strings). Keys missing from
+    repositories built before 2026-12-06 (vote thresholds, calibration) take
+    :meth:`FusionSettings.from_dict`'s defaults: 0.5 and none."""
+    where = "fusion model config parameters"
+    keys = {f.name for f in fields(FusionSettings)}
+    try:
+        data = {k: v if k == "served_strategy" else json.loads(v) for k, v in parameters.items() if k in keys}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: a value is not JSON ({e}); rebuild the repository with wff repo build") from e
+    return FusionSettings.from_dict(data, where=where)
 
 
 def repository_configs(profile: Profile, target: str, settings: FusionSettings, instance_kind: str | None = None) -> dict[str, mc.ModelConfig]:
