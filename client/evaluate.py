@@ -107,7 +107,7 @@ class Evaluation:
             "errors": self.errors,
             "served_strategy": self.settings.served_strategy,
             # what made the decisions: weights, vote and voting thresholds, calibration (not the CV report)
-            "fusion": {k: v for k, v in self.settings.to_dict().items() if k != "cv"},
+            "fusion": self.settings.to_dict(cv=False),
             "per_location": {
                 name: {loc: {**row, "error_rate": json_number(row["error_rate"])} for loc, row in rows.items()}
                 for name, rows in self.per_location().items()

@@ -188,13 +188,14 @@ def _votes_at(
     t = np.asarray(vote_thresholds, np.float64).reshape(-1)
     for value in t:
         _check_vote_threshold(float(value))
+    t_images = t[:, None].astype(np.float32)  # images compare in float32
     n_series = len(series_images)
     series_votes = np.full((t.size, n_series), -1, np.int32)
     series_p = np.full(n_series, np.nan, np.float32)
     for q, p in enumerate(series_images):
         if p.size:
             series_p[q] = p.mean()
-            malignant = (p[None, :] >= t[:, None].astype(np.float32)).sum(axis=1)  # images compare in float32
+            malignant = (p[None, :] >= t_images).sum(axis=1)
             series_votes[:, q] = _majority(malignant, p.size - malignant, float(series_p[q]) >= t)
     voted = series_votes[0] >= 0
     if not voted.any():
@@ -261,15 +262,19 @@ class FusionSettings:
         return fuse(apply_calibration(components, self.calibration), weights, self.det_threshold,
                     self.vote_threshold(strategy))
 
-    def to_dict(self) -> dict:
-        return {
+    def to_dict(self, cv: bool = True) -> dict:
+        """fusion.json's content; ``cv=False`` leaves out the cross-validation record (per-fold
+        metrics), keeping only what makes the decisions."""
+        data = {
             "served_strategy": self.served_strategy,
             "det_threshold": self.det_threshold,
             "strategies": {k: list(v) for k, v in self.strategies.items()},
             "vote_thresholds": dict(self.vote_thresholds),
             "calibration": self.calibration.to_dict(),
-            "cv": self.cv,
         }
+        if cv:
+            data["cv"] = self.cv
+        return data
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "fusion settings") -> "FusionSettings":

@@ -40,6 +40,11 @@ def stratified_folds(labels: Sequence[int], k: int, seed: int) -> list[np.ndarra
 CV_METRICS = ("balanced_acc", "acc", "expected_acc")
 
 
+def expected_acc(se: float, sp: float, prevalence: float) -> float:
+    """The accuracy expected where a fraction ``prevalence`` of the patients is malignant."""
+    return prevalence * se + (1 - prevalence) * sp
+
+
 def _objective(m: dict[str, float], metric: str, prevalence: float = 0.5) -> float:
     """What the search maximises. ``expected_acc``: the accuracy expected where a fraction
     ``prevalence`` of the patients is malignant, prevalence x SE + (1 - prevalence) x SP, from
@@ -49,7 +54,7 @@ def _objective(m: dict[str, float], metric: str, prevalence: float = 0.5) -> flo
     if metric in ("balanced_acc", "expected_acc"):
         pi = prevalence if metric == "expected_acc" else 0.5
         se, sp = (0.0 if np.isnan(m[k]) else m[k] for k in ("se", "sp"))
-        return pi * se + (1 - pi) * sp
+        return expected_acc(se, sp, pi)
     raise ValueError(f"fusion.cv_metric must be one of {CV_METRICS}, got {metric!r}")
 
 

@@ -123,9 +123,7 @@ def fusion_parameters(settings: FusionSettings) -> dict[str, str]:
     """The fusion settings as config parameters, readable by clients through get_model_config:
     fusion.json's keys (:meth:`FusionSettings.to_dict`) without the cross-validation record,
     strings as they are and everything else as JSON."""
-    data = settings.to_dict()
-    del data["cv"]  # per-fold metrics: not needed to decide, and large
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in data.items()}
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in settings.to_dict(cv=False).items()}
 
 
 def settings_from_parameters(parameters: dict[str, str]) -> FusionSettings:
