@@ -86,11 +86,14 @@ def make_detector_onnx(profile: Profile, path: Path) -> Path:
     return _save(nodes, c, path)
 
 
-def make_classifier_onnx(profile: Profile, path: Path) -> Path:
-    """Stand-in sequence classifier over ``contracts_for(profile).classifier``."""
+def make_classifier_onnx(profile: Profile, path: Path, shift: float = 0.0) -> Path:
+    """Stand-in sequence classifier over ``contracts_for(profile).classifier``: P(malignant) = mean
+    intensity of the clip + ``shift``."""
     c = contracts_for(profile).classifier
     nodes = [
-        helper.make_node("ReduceMean", ["classifier_clip"], ["p"], axes=[1, 2, 3, 4], keepdims=0),  # (B,)
+        helper.make_node("ReduceMean", ["classifier_clip"], ["mean"], axes=[1, 2, 3, 4], keepdims=0),  # (B,)
+        _const("shift", np.array(shift, np.float32)),
+        helper.make_node("Add", ["mean", "shift"], ["p"]),
         _const("one", np.array([1], np.int64)),
         _const("unit", np.array(1.0, np.float32)),
         helper.make_node("Unsqueeze", ["p", "one"], ["p_b1"]),  # (B, 1)

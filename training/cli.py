@@ -90,3 +90,20 @@ def refit_fusion(artifacts: Path, overrides: tuple[str, ...]) -> None:
         sys.exit(2)
     click.echo(json.dumps({"artifacts": str(artifacts), **settings.to_dict()}, indent=2))
 
+
+
+@click.command("export-folds")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def export_folds(dataset: Path, artifacts: Path) -> None:
+    """Export the cross-validation fold models of a trained run (ARTIFACTS/folds/fold<k>/*.pt) to ONNX
+    beside them, each checked against PyTorch on its training patients from DATASET, so that
+    serving.members=folds can serve them. wff train does this itself; this is for runs trained before."""
+    from wff.training.train import export_fold_models
+
+    try:
+        parity = export_fold_models(dataset, artifacts, progress=progress_printer)
+    except (ValueError, FileNotFoundError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps({"artifacts": str(artifacts), "fold_onnx_parity": parity}, indent=2))

@@ -51,7 +51,7 @@ from wff.config import Profile, load_profile, profile_from_dict
 from wff.contracts import StepContract, contracts_for
 from wff.ensemble.age_prior import AgePrior
 from wff.ensemble.fusion import Components, FusionSettings
-from wff.ensemble.pipeline import Pipeline
+from wff.ensemble.pipeline import Pipeline, fold_models_dir
 from wff.ensemble.steps import preprocess_outputs
 from wff.ensemble.types import AnnotatedPatient
 from wff.training.cv import check_search, choose_fusion, stratified_folds
@@ -232,14 +232,6 @@ def export_and_check(detector, classifier, patients: Sequence[AnnotatedPatient],
 
 
 CV_COMPONENTS = "cv_components.json"  # the out-of-fold fusion inputs behind fusion.json's weights
-FOLDS_DIR = "folds"  # folds/fold<k>/{detector,classifier}.pt: the fold models those inputs came from
-
-
-def fold_models_dir(artifacts: Path, fold: int) -> Path:
-    """Where run_training saves the models of ``fold`` (0-based, as in cv_components.json's folds)."""
-    return Path(artifacts) / FOLDS_DIR / f"fold{fold + 1}"
-
-
 def write_cv_components(path: Path, components: Sequence[Components], labels: np.ndarray, folds: Sequence[np.ndarray]) -> None:
     """The out-of-fold components of every training patient (in labels.csv order, no identifiers),
     their labels and folds: what the weights were chosen on, kept so that another choice (a metric,
@@ -318,6 +310,8 @@ def run_training(
         comps = out_of_fold_components([patients[i] for i in held_out], det, cls, fold_prior, profile, device)
         for i, c in zip(held_out, comps):
             oof[i] = c
+        if profile.train.save_fold_models:  # after the components: export moves the models to the CPU
+            report.setdefault("fold_onnx_parity", []).append(export_and_check(det, cls, fold_patients, profile, fold_dir))
         report["timings"][tag] = timing
         progress(f"{tag}: {len(held_out)} held-out patients diagnosed")
     settings = choose_fusion(oof, labels, profile.fusion)
@@ -343,6 +337,43 @@ def run_training(
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     progress(f"artifacts written to {out} in {report['timings']['total_s']} s")
     return out
+
+
+def export_fold_models(dataset: str | Path, artifacts: str | Path, progress: Progress | None = None) -> list[dict]:
+    """Export the saved fold models of a run (folds/fold<k>/{detector,classifier}.pt) to ONNX beside them,
+    each checked against PyTorch on its own training patients, for ``serving.members = "folds"``; what
+    ``wff train`` does itself since fold models are served, for runs trained before. Returns the parity
+    of each fold (also recorded in train_report.json as ``fold_onnx_parity``)."""
+    from wff.training.checkpoint import load_checkpoint, load_classifier, load_detector
+
+    progress = progress or log.info
+    artifacts = Path(artifacts)
+    profile = load_profile(artifacts / "profile.json")
+    paths = [(fold_models_dir(artifacts, k) / "detector.pt", fold_models_dir(artifacts, k) / "classifier.pt")
+             for k in range(profile.train.cv_folds)]
+    missing = [str(p) for pair in paths for p in pair if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing}: not found; the run kept no fold models (train.save_fold_models); retrain to serve them")
+    patients = load_split(Path(dataset), "train", profile, progress)
+    labels = np.array([p.record.label for p in patients])
+    folds = stratified_folds(labels, profile.train.cv_folds, profile.train.seed)
+    parity = []
+    for k, (held_out, (det_path, cls_path)) in enumerate(zip(folds, paths)):
+        fold_patients = [patients[i] for i in np.setdiff1d(np.arange(len(patients)), held_out)]
+        digest = training_set_digest(fold_patients)
+        models = []
+        for kind, path, load in (("detector", det_path, load_detector), ("classifier", cls_path, load_classifier)):
+            if load_checkpoint(path, kind)[0]["extra"].get("patients") not in (None, digest):
+                raise ValueError(f"{path}: trained on other patients than fold {k + 1} of {dataset}'s training split; "
+                                 f"export with the dataset the run was trained on")
+            models.append(load(path)[0])
+        parity.append(export_and_check(*models, fold_patients, profile, det_path.parent))
+        progress(f"fold {k + 1}/{len(folds)}: exported to {det_path.parent} (parity {parity[-1]})")
+    report_path = artifacts / "train_report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report["fold_onnx_parity"] = parity
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    return parity
 
 
 # fusion.* settings the out-of-fold components do not depend on, so they can be changed after training

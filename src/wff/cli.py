@@ -15,6 +15,7 @@ COMMANDS = {
     "data": "wff.training.data_cli:data",
     "train": "wff.training.cli:train",
     "refit-fusion": "wff.training.cli:refit_fusion",
+    "export-folds": "wff.training.cli:export_folds",
     "repo": "wff.serving.cli:repo",
     "serve": "wff.serving.cli:serve",
     "trt": "wff.serving.trt_cli:trt",

@@ -140,6 +140,11 @@ class ServingConfig:
     # growing: regions never shrink, and under load grew from one patient's size to 2-3 (BENCHMARKS.md, soak)
     shm_patients: int = 4
     runtime_chunk: int = 16  # served detector/classifier: items per runtime call within one batch (bounds activation memory)
+    # which trained models the detector and classifier steps serve: "final" (the model refitted on the whole training
+    # set, the paper's protocol) | "folds" (the cross-validation fold models the fusion was chosen on, outputs merged:
+    # wff.ensemble.members; embedded target only, ~k x the model compute)
+    members: str = "final"
+    members_box_iou: float = 0.55  # "folds": IoU at which the members' detections of a slice are fused into one box
     max_files: int = 512  # request limits (files per patient, bytes, slices, pixels per slice)
     max_bytes: int = 512 * 1024 * 1024
     max_slices: int = 96

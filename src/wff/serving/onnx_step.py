@@ -4,12 +4,14 @@ Triton's dynamic batcher merges requests; TritonStep concatenates their batches 
 session run. The step's contract is looked up by the model's name, so one class serves both.
 Runtime (ONNX Runtime or OpenVINO), its precision, threads and items per run: config parameters
 ``runtime``, ``runtime_precision``, ``runtime_threads`` and ``runtime_chunk``, else the profile's
-serving section.
+serving section. ``serving.members`` (profile.json) picks model.onnx or the fold models
+model.fold<k>.onnx, whose outputs are merged (wff.ensemble.members).
 """
 
 from wff.config import load_profile
 from wff.contracts import contracts_for
-from wff.ensemble.runtime import make_runner
+from wff.ensemble.runtime import member_runner
+from wff.serving.repository import member_models
 from wff.serving.triton_step import TritonStep
 
 
@@ -21,7 +23,8 @@ class OnnxRuntimeStep(TritonStep):
         contract = contracts_for(profile).step(self.model_name)
         runtime = self.parameter("runtime", profile.serving.runtime)
         precision = self.parameter("runtime_precision", profile.serving.runtime_precision)
-        self.runner = make_runner(runtime, self.version_dir / "model.onnx", contract, threads, chunk, precision)
+        paths = member_models(self.version_dir, profile.serving.members)
+        self.runner = member_runner(runtime, paths, contract, threads, chunk, precision, profile.serving.members_box_iou)
 
     def run(self, inputs):
         return self.runner(inputs[self.runner.input_spec.name])

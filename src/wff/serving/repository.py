@@ -16,7 +16,10 @@ printed with ``text_format``, so it always parses. Layout::
 Only the detector and classifier differ between targets:
 
 * ``embedded``: Python backend over ONNX Runtime (model.py + model.onnx + profile.json), CPU.
-  Runs on the tritonserver shipped in the nvidia-pytriton wheel.
+  Runs on the tritonserver shipped in the nvidia-pytriton wheel. With ``serving.members =
+  "folds"`` the version dir also holds the cross-validation fold models, model.fold<k>.onnx,
+  which the step serves instead of model.onnx (wff.ensemble.members); only this target merges
+  members, so the other two refuse that setting.
 * ``onnxruntime``: Triton's onnxruntime backend over model.onnx (NGC tritonserver container).
 * ``tensorrt``: ``tensorrt_plan`` over model.plan, GPU instances. The plan is built inside the
   NGC container from the model.onnx copied beside it; until then the model does not load.
@@ -38,7 +41,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from wff.config import SMALL, Profile, ServingConfig, load_profile
 from wff.contracts import Contracts, StepContract, TensorSpec, contracts_for
 from wff.ensemble.fusion import FusionSettings, load_fusion_settings
-from wff.ensemble.pipeline import check_artifacts
+from wff.ensemble.members import check_members
+from wff.ensemble.pipeline import ARTIFACT_MODELS, check_artifacts, fold_models
 from wff.ensemble.runtime import check_runtime
 
 log = logging.getLogger(__name__)
@@ -46,8 +50,8 @@ log = logging.getLogger(__name__)
 TARGETS = ("embedded", "onnxruntime", "tensorrt")
 PYTHON_STEPS = ("preprocess", "crop", "fusion")  # always Python backend
 MODEL_STEPS = ("detector", "classifier")  # the exported networks; their config depends on the target
-ARTIFACT_MODELS = {"detector": "detector.onnx", "classifier": "classifier.onnx"}
 CONFIG_NAME = "config.pbtxt"
+FOLD_MODEL = "model.fold{}.onnx"  # fold k's model in a version dir (serving.members = "folds"), k = 1..cv_folds
 VERSION = "1"
 # The adapters' sources: model_repository/<step>/1/model.py in the source tree.
 ADAPTERS_DIR = Path(__file__).resolve().parents[3] / "model_repository"
@@ -193,6 +197,21 @@ def read_config(path: str | Path) -> mc.ModelConfig:
     return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
 
 
+def member_models(version_dir: Path, members: str) -> list[Path]:
+    """The model files a detector/classifier version dir serves for ``serving.members``."""
+    check_members(members)
+    if members == "final":
+        return [version_dir / "model.onnx"]
+    found = {p.name: p for p in version_dir.glob(FOLD_MODEL.format("*"))}
+    paths = [found[FOLD_MODEL.format(k)] for k in range(1, len(found) + 1) if FOLD_MODEL.format(k) in found]
+    if not paths or len(paths) != len(found):
+        raise ValueError(
+            f"{version_dir}: serving.members is 'folds' but the fold models are {sorted(found) or 'absent'} "
+            f"(expected {FOLD_MODEL.format(1)} .. {FOLD_MODEL.format('<k>')}); rebuild with wff repo build"
+        )
+    return paths
+
+
 def _adapter(step: str) -> Path:
     path = ADAPTERS_DIR / step / VERSION / "model.py"
     if not path.is_file():
@@ -242,6 +261,12 @@ def build_repository(
             f"{profile.fusion.det_threshold} (used by crop) nor one of fusion.det_threshold_grid "
             f"{list(profile.fusion.det_threshold_grid)} (what cross-validation chooses from); retrain or fix one of them"
         )
+    check_members(profile.serving.members)
+    folds = profile.serving.members == "folds"
+    if folds and target != "embedded":
+        raise ValueError(f"serving.members=folds is served by the embedded target only (its steps merge the fold models); "
+                         f"target {target!r} serves serving.members=final")
+    members = {s: fold_models(artifacts, profile, s) for s in MODEL_STEPS} if folds and artifacts is not None else {}
     configs = repository_configs(profile, target, settings, instance_kind)
     for name, cfg in configs.items():
         version = out / name / VERSION
@@ -255,6 +280,8 @@ def build_repository(
             continue
         if name in MODEL_STEPS:
             shutil.copy2(artifacts / ARTIFACT_MODELS[name], version / "model.onnx")
+            for k, path in enumerate(members.get(name, ()), 1):
+                shutil.copy2(path, version / FOLD_MODEL.format(k))
         if name == "fusion":
             shutil.copy2(artifacts / "fusion.json", version / "fusion.json")
             shutil.copy2(artifacts / "age_prior.json", version / "age_prior.json")
