@@ -16,8 +16,9 @@ Steps, following the paper's protocol:
 5. export both to ONNX, check ONNX Runtime against PyTorch, and write the artifacts:
    profile.json, detector.pt, classifier.pt, detector.onnx, classifier.onnx, age_prior.json,
    fusion.json, train_report.json, cv_components.json (the out-of-fold fusion inputs the weights
-   were chosen on) and, with train.save_fold_models, folds/fold<k>/{detector,classifier}.pt (the
-   fold models they came from); the last two are not needed by the server.
+   were chosen on) and, with train.save_fold_models, folds/fold<k>/{detector,classifier}.{pt,onnx}
+   (the fold models they came from, exported and checked like the final ones); the server needs
+   the fold models only with serving.members = "folds".
 
 With ``detectors_from`` (``wff train --detectors-from``), every detector (each fold's and the
 final one) is taken from an earlier run's artifacts instead of being trained again, after

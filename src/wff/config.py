@@ -115,7 +115,7 @@ class TrainConfig:
     seed: int = 0
     num_threads: int = 2  # torch CPU threads
     max_steps: int = 0  # stop every fit after this many optimiser steps (0 = no cap; for smoke tests)
-    save_fold_models: bool = True  # write each fold's detector and classifier to folds/fold<k>/ (not served)
+    save_fold_models: bool = True  # write each fold's detector and classifier to folds/fold<k>/ (.pt and .onnx; served only with serving.members="folds")
 
 
 @dataclass(frozen=True)
