@@ -32,6 +32,11 @@ def check_members(members: str) -> None:
         raise ValueError(f"serving.members: unknown value {members!r}; expected one of {MEMBERS}")
 
 
+def check_box_iou(iou_threshold: float) -> None:
+    if not 0 < iou_threshold <= 1:
+        raise ValueError(f"serving.members_box_iou must be in (0, 1], got {iou_threshold}")
+
+
 def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     """IoU of one (4,) box with each of (n, 4) boxes."""
     x1 = np.maximum(box[0], others[:, 0])
@@ -77,8 +82,7 @@ def merge_detections(outputs: Sequence[Arrays], iou_threshold: float) -> dict[st
     """The detector outputs of several members on the same batch -> one detector output (module docstring)."""
     if len(outputs) == 1:
         return dict(outputs[0])
-    if not 0 < iou_threshold <= 1:
-        raise ValueError(f"serving.members_box_iou must be in (0, 1], got {iou_threshold}")
+    check_box_iou(iou_threshold)
     first = outputs[0]
     n, k = first["detector_scores"].shape
     boxes = np.zeros((n, k, 4), np.float32)
@@ -117,6 +121,7 @@ def mean_probabilities(outputs: Sequence[Arrays]) -> dict[str, np.ndarray]:
 def merger(step: str, iou_threshold: float) -> Callable[[Sequence[Arrays]], dict[str, np.ndarray]]:
     """The merge of ``step``'s member outputs ("detector" or "classifier")."""
     if step == "detector":
+        check_box_iou(iou_threshold)  # when the step loads, not at its first request
         return lambda outputs: merge_detections(outputs, iou_threshold)
     if step == "classifier":
         return mean_probabilities

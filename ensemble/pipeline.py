@@ -83,7 +83,7 @@ class Pipeline:
         """ONNX Runtime over the exported models of a training run (``wff train`` output): the final
         models, or with ``members="folds"`` (default: the run's serving.members) the fold models merged
         as the served steps merge them."""
-        from wff.ensemble.runtime import MemberRunner, OnnxRunner
+        from wff.ensemble.runtime import member_runner
 
         artifacts = Path(artifacts)
         check_artifacts(artifacts)
@@ -95,10 +95,9 @@ class Pipeline:
         threads = threads or profile.serving.runtime_threads
 
         def runner(step: str):
-            if profile.serving.members == "final":
-                return OnnxRunner(artifacts / ARTIFACT_MODELS[step], c.step(step), threads)
-            paths = fold_models(artifacts, profile, step)
-            return MemberRunner([OnnxRunner(p, c.step(step), threads) for p in paths], profile.serving.members_box_iou)
+            final = profile.serving.members == "final"
+            paths = [artifacts / ARTIFACT_MODELS[step]] if final else fold_models(artifacts, profile, step)
+            return member_runner("onnxruntime", paths, c.step(step), threads, None, "f32", profile.serving.members_box_iou)
 
         return cls(
             profile,

@@ -104,6 +104,8 @@ class TestMergeDetections:
         one = detections([[(0, 0, 1, 1, 0.5, 0.5)]])
         with pytest.raises(ValueError, match="serving.members_box_iou"):
             merge_detections([one, one], 0.0)
+        with pytest.raises(ValueError, match="serving.members_box_iou"):
+            merger("detector", 1.5)  # when a step loads, before any request
 
 
 class TestMergeClassifier:
@@ -182,6 +184,13 @@ class TestRepository:
             assert member_models(version, "folds") == [version / FOLD_MODEL.format(k) for k in (1, 2)]
             assert (version / FOLD_MODEL.format(2)).read_bytes() == (fold_models_dir(fold_artifacts, 1) / f"{step}.onnx").read_bytes()
             assert member_models(version, "final") == [version / "model.onnx"]
+
+    def test_bad_box_iou_is_refused_at_build(self, fold_artifacts, tmp_path):
+        from wff.serving.repository import build_repository
+
+        serving = dataclasses.replace(TINY.serving, members="folds", members_box_iou=0.0)
+        with pytest.raises(ValueError, match="serving.members_box_iou"):
+            build_repository(tmp_path / "repo", "embedded", fold_artifacts, serving=serving)
 
     def test_other_targets_refuse_folds(self, fold_artifacts, tmp_path):
         from wff.serving.repository import build_repository

@@ -41,7 +41,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from wff.config import SMALL, Profile, ServingConfig, load_profile
 from wff.contracts import Contracts, StepContract, TensorSpec, contracts_for
 from wff.ensemble.fusion import FusionSettings, load_fusion_settings
-from wff.ensemble.members import check_members
+from wff.ensemble.members import check_box_iou, check_members
 from wff.ensemble.pipeline import ARTIFACT_MODELS, check_artifacts, fold_models
 from wff.ensemble.runtime import check_runtime
 
@@ -266,6 +266,8 @@ def build_repository(
     if folds and target != "embedded":
         raise ValueError(f"serving.members=folds is served by the embedded target only (its steps merge the fold models); "
                          f"target {target!r} serves serving.members=final")
+    if folds:
+        check_box_iou(profile.serving.members_box_iou)
     members = {s: fold_models(artifacts, profile, s) for s in MODEL_STEPS} if folds and artifacts is not None else {}
     configs = repository_configs(profile, target, settings, instance_kind)
     for name, cfg in configs.items():
