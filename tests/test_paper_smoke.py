@@ -86,3 +86,13 @@ class TestPaperProfileSmoke:
         dx = Pipeline.from_artifacts(artifacts).diagnose_files(files, age=float(record.age))
         assert dx.label in ("benign", "malignant") and 0.0 <= dx.p_malignant <= 1.0
         assert len(dx.series_m) >= 1 and np.all((dx.series_m >= 0) & (dx.series_m <= 1))
+
+    def test_onnx_runtime_matches_pytorch_on_the_test_split(self, paper_run):
+        """wff parity on the paper profile (DeformConv in the graph): both test patients, every slice and
+        clip, within the tolerance and with no decision changed."""
+        from wff.training.parity import format_parity, split_parity
+
+        data, artifacts, _ = paper_run
+        summary = split_parity(data, artifacts, "test")
+        assert summary["patients"] == 2 and summary["passed"], format_parity(summary)
+        assert summary["detector"]["slices"] > 0 and summary["classifier"]["clips"] > 0

@@ -267,3 +267,31 @@ class TestServedFoldMembers:
         before = Pipeline.from_artifacts(artifacts, members="folds").diagnose_files(files)
         np.testing.assert_allclose(again.series_m, before.series_m, atol=1e-5)
         np.testing.assert_allclose(again.slice_d, before.slice_d, atol=1e-5, equal_nan=True)
+
+
+class TestSplitParity:
+    def test_onnx_runtime_matches_pytorch_on_the_test_split(self, trained):
+        """wff parity: every test patient through the checkpoints and the exported models agrees within
+        the tolerance, with detections and clips actually compared."""
+        from wff.training.parity import format_parity, split_parity
+
+        data, artifacts = trained
+        summary = split_parity(data, artifacts, "test")
+        assert summary["patients"] == 4 and summary["passed"], format_parity(summary)
+        assert summary["detector"]["detections"] > 0 and summary["classifier"]["clips"] > 0
+        assert set(summary["strategies"]) == {"Det", "Det-Age", "Seq", "Seq-Age", "Det-Seq", "Det-Seq-Age"}
+
+    def test_another_model_fails(self, trained, tmp_path):
+        """An ONNX file that is not the checkpoint's export (fold 1's classifier in place of the final one)
+        fails the comparison."""
+        import shutil
+
+        from wff.ensemble.pipeline import fold_models_dir
+        from wff.training.parity import split_parity
+
+        data, artifacts = trained
+        copy = shutil.copytree(artifacts, tmp_path / "artifacts")
+        shutil.copy2(fold_models_dir(artifacts, 0) / "classifier.onnx", copy / "classifier.onnx")
+        summary = split_parity(data, copy, "test")
+        assert not summary["passed"]
+        assert summary["classifier"]["probs"] > summary["tolerance"]["probability"]

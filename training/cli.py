@@ -107,3 +107,28 @@ def export_folds(dataset: Path, artifacts: Path) -> None:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     click.echo(json.dumps({"artifacts": str(artifacts), "fold_onnx_parity": parity}, indent=2))
+
+
+@click.command("parity")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--split", default="test", show_default=True, help="labels.csv split to compare on.")
+@click.option("--json", "json_out", metavar="FILE|-", help="Write the summary as JSON to FILE, or stdout with -.")
+def parity(dataset: Path, artifacts: Path, split: str, json_out: str | None) -> None:
+    """Compare a trained run's ONNX models (ONNX Runtime) with its PyTorch checkpoints on every patient
+    of a split: detector and classifier outputs on the same inputs, and every strategy's decision.
+    Exit status 1 when a difference exceeds the tolerance or a decision changes."""
+    from wff.training.parity import format_parity, split_parity
+
+    try:
+        summary = split_parity(dataset, artifacts, split, progress=progress_printer)
+    except (ValueError, FileNotFoundError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    if json_out == "-":
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(format_parity(summary))
+        if json_out:
+            Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
+    sys.exit(0 if summary["passed"] else 1)

@@ -16,6 +16,7 @@ COMMANDS = {
     "train": "wff.training.cli:train",
     "refit-fusion": "wff.training.cli:refit_fusion",
     "export-folds": "wff.training.cli:export_folds",
+    "parity": "wff.training.cli:parity",
     "repo": "wff.serving.cli:repo",
     "serve": "wff.serving.cli:serve",
     "trt": "wff.serving.trt_cli:trt",
