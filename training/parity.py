@@ -32,7 +32,7 @@ from wff.ensemble.age_prior import AgePrior
 from wff.ensemble.fusion import STRATEGIES, load_fusion_settings
 from wff.ensemble.pipeline import ARTIFACT_MODELS, Pipeline, check_artifacts, run_batched
 from wff.ensemble.runtime import OnnxRunner
-from wff.ensemble.steps import crop, preprocess_outputs
+from wff.ensemble.steps import preprocess_outputs
 from wff.training.train import PARITY_ATOL, TorchRunner, load_split
 
 Progress = Callable[[str], None]
@@ -40,6 +40,25 @@ Progress = Callable[[str], None]
 
 def _max(current: float, values: np.ndarray) -> float:
     return max(current, float(np.abs(values).max())) if values.size else current
+
+
+class _Recorder:
+    """A pipeline runner that keeps the batches it ran and their outputs, until :meth:`take`."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self.calls: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        out = self.runner(batch)
+        self.calls.append((batch, out))
+        return out
+
+    def take(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The inputs and outputs recorded since the last take, concatenated along the batch."""
+        batches, outputs = zip(*self.calls)
+        self.calls = []
+        return np.concatenate(batches), {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
 
 
 def split_parity(dataset: str | Path, artifacts: str | Path, split: str = "test", progress: Progress | None = None,
@@ -58,11 +77,11 @@ def split_parity(dataset: str | Path, artifacts: str | Path, split: str = "test"
     prior = AgePrior.load(artifacts / "age_prior.json")
     detector, _ = load_detector(artifacts / "detector.pt")
     classifier, _ = load_classifier(artifacts / "classifier.pt")
-    torch_runners = {"detector": TorchRunner(DetectorGraph(detector, profile), c.detector),
-                     "classifier": TorchRunner(classifier, c.classifier)}
-    onnx_runners = {step: OnnxRunner(artifacts / ARTIFACT_MODELS[step], c.step(step), threads) for step in ARTIFACT_MODELS}
-    pipelines = {name: Pipeline(profile, r["detector"], r["classifier"], settings, prior)
-                 for name, r in (("pytorch", torch_runners), ("onnxruntime", onnx_runners))}
+    recorders = {name: {"detector": _Recorder(det_runner), "classifier": _Recorder(cls_runner)} for name, det_runner, cls_runner in (
+        ("pytorch", TorchRunner(DetectorGraph(detector, profile), c.detector), TorchRunner(classifier, c.classifier)),
+        ("onnxruntime", *(OnnxRunner(artifacts / ARTIFACT_MODELS[step], c.step(step), threads) for step in ARTIFACT_MODELS)),
+    )}
+    pipelines = {name: Pipeline(profile, r["detector"], r["classifier"], settings, prior) for name, r in recorders.items()}
 
     t0 = time.perf_counter()
     patients = load_split(Path(dataset), split, profile, progress)
@@ -70,11 +89,12 @@ def split_parity(dataset: str | Path, artifacts: str | Path, split: str = "test"
     cls = {"clips": 0, "probs": 0.0}
     strategies = {s: {"p_max_abs_diff": 0.0, "decisions_changed": 0} for s in STRATEGIES if s in settings.strategies}
     for i, patient in enumerate(patients, 1):
-        slices = np.ascontiguousarray(patient.prepared.slices, np.float32)
-        ref = run_batched(torch_runners["detector"], slices, c.detector.max_batch_size)
-        got = run_batched(onnx_runners["detector"], slices, c.detector.max_batch_size)
+        pre = preprocess_outputs(patient.prepared, float(patient.record.age), {})
+        comps = {name: p.run_from_preprocessed(pre).components() for name, p in pipelines.items()}
+        # both detectors saw the same slices; their own outputs are compared
+        (_, ref), (_, got) = (recorders[name]["detector"].take() for name in ("pytorch", "onnxruntime"))
         counts_ref, counts_got = ref["detector_count"].reshape(-1), got["detector_count"].reshape(-1)
-        det["slices"] += len(slices)
+        det["slices"] += len(counts_ref)
         det["count_differs"] += int((counts_ref != counts_got).sum())
         for s in np.flatnonzero(counts_ref == counts_got):
             n = int(counts_ref[s])
@@ -82,15 +102,12 @@ def split_parity(dataset: str | Path, artifacts: str | Path, split: str = "test"
             det["score"] = _max(det["score"], ref["detector_scores"][s, :n] - got["detector_scores"][s, :n])
             det["malignancy"] = _max(det["malignancy"], ref["detector_malignancy"][s, :n] - got["detector_malignancy"][s, :n])
             det["box_px"] = _max(det["box_px"], ref["detector_boxes"][s, :n] - got["detector_boxes"][s, :n])
-        clips = crop({"crop_slices": slices, "crop_slice_series": patient.prepared.slice_series, "crop_boxes": ref["detector_boxes"],
-                      "crop_scores": ref["detector_scores"], "crop_count": ref["detector_count"]}, profile)["crop_clips"]
-        probs_ref = run_batched(torch_runners["classifier"], clips, c.classifier.max_batch_size)["classifier_probs"]
-        probs_got = run_batched(onnx_runners["classifier"], clips, c.classifier.max_batch_size)["classifier_probs"]
+        # the classifiers' clips came from each pipeline's own detections: ONNX Runtime reruns PyTorch's clips
+        clips, probs_ref = recorders["pytorch"]["classifier"].take()
+        recorders["onnxruntime"]["classifier"].take()
+        probs_got = run_batched(recorders["onnxruntime"]["classifier"].runner, clips, c.classifier.max_batch_size)
         cls["clips"] += len(clips)
-        cls["probs"] = _max(cls["probs"], probs_ref - probs_got)
-
-        pre = preprocess_outputs(patient.prepared, float(patient.record.age), {})
-        comps = {name: p.run_from_preprocessed(pre).components() for name, p in pipelines.items()}
+        cls["probs"] = _max(cls["probs"], probs_ref["classifier_probs"] - probs_got["classifier_probs"])
         for strategy, row in strategies.items():
             a, b = (settings.decide(comps[name], strategy) for name in ("pytorch", "onnxruntime"))
             row["p_max_abs_diff"] = max(row["p_max_abs_diff"], abs(a.p_malignant - b.p_malignant))

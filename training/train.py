@@ -345,8 +345,6 @@ def export_fold_models(dataset: str | Path, artifacts: str | Path, progress: Pro
     each checked against PyTorch on its own training patients, for ``serving.members = "folds"``; what
     ``wff train`` does itself since fold models are served, for runs trained before. Returns the parity
     of each fold (also recorded in train_report.json as ``fold_onnx_parity``)."""
-    from wff.training.checkpoint import load_checkpoint, load_classifier, load_detector
-
     progress = progress or log.info
     artifacts = Path(artifacts)
     profile = load_profile(artifacts / "profile.json")
@@ -362,12 +360,8 @@ def export_fold_models(dataset: str | Path, artifacts: str | Path, progress: Pro
     for k, (held_out, (det_path, cls_path)) in enumerate(zip(folds, paths)):
         fold_patients = [patients[i] for i in np.setdiff1d(np.arange(len(patients)), held_out)]
         digest = training_set_digest(fold_patients)
-        models = []
-        for kind, path, load in (("detector", det_path, load_detector), ("classifier", cls_path, load_classifier)):
-            if load_checkpoint(path, kind)[0]["extra"].get("patients") not in (None, digest):
-                raise ValueError(f"{path}: trained on other patients than fold {k + 1} of {dataset}'s training split; "
-                                 f"export with the dataset the run was trained on")
-            models.append(load(path)[0])
+        models = [reuse_model(path, kind, profile, digest, (), "wff export-folds")
+                  for kind, path in (("detector", det_path), ("classifier", cls_path))]
         parity.append(export_and_check(*models, fold_patients, profile, det_path.parent))
         progress(f"fold {k + 1}/{len(folds)}: exported to {det_path.parent} (parity {parity[-1]})")
     report_path = artifacts / "train_report.json"

@@ -263,10 +263,10 @@ def build_repository(
         )
     check_members(profile.serving.members)
     folds = profile.serving.members == "folds"
-    if folds and target != "embedded":
-        raise ValueError(f"serving.members=folds is served by the embedded target only (its steps merge the fold models); "
-                         f"target {target!r} serves serving.members=final")
     if folds:
+        if target != "embedded":
+            raise ValueError(f"serving.members=folds is served by the embedded target only (its steps merge the fold "
+                             f"models); target {target!r} serves serving.members=final")
         check_box_iou(profile.serving.members_box_iou)
     members = {s: fold_models(artifacts, profile, s) for s in MODEL_STEPS} if folds and artifacts is not None else {}
     configs = repository_configs(profile, target, settings, instance_kind)
