@@ -91,7 +91,6 @@ def refit_fusion(artifacts: Path, overrides: tuple[str, ...]) -> None:
     click.echo(json.dumps({"artifacts": str(artifacts), **settings.to_dict()}, indent=2))
 
 
-
 @click.command("export-folds")
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path))
