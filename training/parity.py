@@ -33,7 +33,7 @@ from wff.ensemble.fusion import STRATEGIES, load_fusion_settings
 from wff.ensemble.pipeline import ARTIFACT_MODELS, Pipeline, check_artifacts, run_batched
 from wff.ensemble.runtime import OnnxRunner
 from wff.ensemble.steps import preprocess_outputs
-from wff.training.train import PARITY_ATOL, TorchRunner, load_split
+from wff.training.train import CHECKPOINTS, PARITY_ATOL, TorchRunner, load_split
 
 Progress = Callable[[str], None]
 
@@ -75,8 +75,8 @@ def split_parity(dataset: str | Path, artifacts: str | Path, split: str = "test"
     c = contracts_for(profile)
     settings = load_fusion_settings(artifacts / "fusion.json")
     prior = AgePrior.load(artifacts / "age_prior.json")
-    detector, _ = load_detector(artifacts / "detector.pt")
-    classifier, _ = load_classifier(artifacts / "classifier.pt")
+    detector, _ = load_detector(artifacts / CHECKPOINTS["detector"])
+    classifier, _ = load_classifier(artifacts / CHECKPOINTS["classifier"])
     recorders = {name: {"detector": _Recorder(det_runner), "classifier": _Recorder(cls_runner)} for name, det_runner, cls_runner in (
         ("pytorch", TorchRunner(DetectorGraph(detector, profile), c.detector), TorchRunner(classifier, c.classifier)),
         ("onnxruntime", *(OnnxRunner(artifacts / ARTIFACT_MODELS[step], c.step(step), threads) for step in ARTIFACT_MODELS)),

@@ -52,7 +52,7 @@ from wff.config import Profile, load_profile, profile_from_dict
 from wff.contracts import StepContract, contracts_for
 from wff.ensemble.age_prior import AgePrior
 from wff.ensemble.fusion import Components, FusionSettings
-from wff.ensemble.pipeline import Pipeline, fold_models_dir
+from wff.ensemble.pipeline import ARTIFACT_MODELS, Pipeline, fold_models_dir
 from wff.ensemble.steps import preprocess_outputs
 from wff.ensemble.types import AnnotatedPatient
 from wff.training.cv import check_search, choose_fusion, stratified_folds
@@ -198,6 +198,10 @@ def fit_models(
     return detector, classifier, timing
 
 
+# the PyTorch checkpoints a run writes, final and per fold (the order export_and_check takes the models in)
+CHECKPOINTS = {"detector": "detector.pt", "classifier": "classifier.pt"}
+
+
 def export_and_check(detector, classifier, patients: Sequence[AnnotatedPatient], profile: Profile, out: Path) -> dict:
     """Export both models to ONNX and compare ONNX Runtime with PyTorch on real training inputs."""
     import torch
@@ -208,8 +212,8 @@ def export_and_check(detector, classifier, patients: Sequence[AnnotatedPatient],
 
     detector, classifier = detector.cpu().eval(), classifier.cpu().eval()
     graph = DetectorGraph(detector, profile).eval()
-    export_detector(detector, profile, out / "detector.onnx")
-    export_classifier(classifier, profile, out / "classifier.onnx")
+    export_detector(detector, profile, out / ARTIFACT_MODELS["detector"])
+    export_classifier(classifier, profile, out / ARTIFACT_MODELS["classifier"])
     # slices with labelled tumours, so the detector comparison covers real detections, not padding
     tumour_slices = [p.prepared.slices[i] for p in patients for i, b in enumerate(p.boxes) if len(b)][:PARITY_SLICES]
     images = torch.from_numpy(np.ascontiguousarray(np.stack(tumour_slices), np.float32))
@@ -221,8 +225,8 @@ def export_and_check(detector, classifier, patients: Sequence[AnnotatedPatient],
     )
     with torch.no_grad():
         detections = int(graph(images)[4].sum())
-    det_diff = check_onnx(out / "detector.onnx", graph, images, atol=PARITY_ATOL * 100)
-    cls_diff = check_onnx(out / "classifier.onnx", classifier, torch.from_numpy(clips), atol=PARITY_ATOL)
+    det_diff = check_onnx(out / ARTIFACT_MODELS["detector"], graph, images, atol=PARITY_ATOL * 100)
+    cls_diff = check_onnx(out / ARTIFACT_MODELS["classifier"], classifier, torch.from_numpy(clips), atol=PARITY_ATOL)
     return {
         "detector_max_abs_diff": float(det_diff),
         "detector_checked_slices": len(images),
@@ -233,6 +237,8 @@ def export_and_check(detector, classifier, patients: Sequence[AnnotatedPatient],
 
 
 CV_COMPONENTS = "cv_components.json"  # the out-of-fold fusion inputs behind fusion.json's weights
+
+
 def write_cv_components(path: Path, components: Sequence[Components], labels: np.ndarray, folds: Sequence[np.ndarray]) -> None:
     """The out-of-fold components of every training patient (in labels.csv order, no identifiers),
     their labels and folds: what the weights were chosen on, kept so that another choice (a metric,
@@ -290,8 +296,8 @@ def run_training(
     if final_from is not None:  # checked before the folds are trained
         digest = training_set_digest(patients)
         final_models = tuple(
-            reuse_model(Path(final_from) / f"{kind}.pt", kind, profile, digest, FINAL_TRAIN_KEYS, "--final-from", device)
-            for kind in ("detector", "classifier")
+            reuse_model(Path(final_from) / CHECKPOINTS[kind], kind, profile, digest, FINAL_TRAIN_KEYS, "--final-from", device)
+            for kind in CHECKPOINTS
         )
 
     folds = stratified_folds(labels, profile.train.cv_folds, profile.train.seed)
@@ -300,14 +306,14 @@ def run_training(
         keep = np.setdiff1d(np.arange(len(patients)), held_out)
         tag = f"fold {k + 1}/{len(folds)}"
         fold_patients = [patients[i] for i in keep]
-        reused = None if detectors_from is None else fold_models_dir(detectors_from, k) / "detector.pt"
+        reused = None if detectors_from is None else fold_models_dir(detectors_from, k) / CHECKPOINTS["detector"]
         det, cls, timing = fit_models(fold_patients, profile, profile.train.cv_epoch_scale, device, progress, tag, reused)
         fold_prior = AgePrior.fit(ages[keep], labels[keep], profile.age)
         if profile.train.save_fold_models:
             fold_dir = fold_models_dir(out, k)
             extra = {"fold": k + 1, "patients": training_set_digest(fold_patients)}
-            save_checkpoint(fold_dir / "detector.pt", det, profile, "detector", extra)
-            save_checkpoint(fold_dir / "classifier.pt", cls, profile, "classifier", extra)
+            save_checkpoint(fold_dir / CHECKPOINTS["detector"], det, profile, "detector", extra)
+            save_checkpoint(fold_dir / CHECKPOINTS["classifier"], cls, profile, "classifier", extra)
         comps = out_of_fold_components([patients[i] for i in held_out], det, cls, fold_prior, profile, device)
         for i, c in zip(held_out, comps):
             oof[i] = c
@@ -319,7 +325,7 @@ def run_training(
     report["cv"] = settings.cv
     write_cv_components(out / CV_COMPONENTS, oof, labels, folds)
 
-    reused = None if detectors_from is None else Path(detectors_from) / "detector.pt"
+    reused = None if detectors_from is None else Path(detectors_from) / CHECKPOINTS["detector"]
     if final_models is None:
         det, cls, timing = fit_models(patients, profile, 1.0, device, progress, "final", reused)
     else:
@@ -327,8 +333,8 @@ def run_training(
         progress(f"final detector and classifier: reused from {final_from}")
     report["timings"]["final"] = timing
     extra = {"patients": training_set_digest(patients)}
-    save_checkpoint(out / "detector.pt", det, profile, "detector", extra)
-    save_checkpoint(out / "classifier.pt", cls, profile, "classifier", extra)
+    save_checkpoint(out / CHECKPOINTS["detector"], det, profile, "detector", extra)
+    save_checkpoint(out / CHECKPOINTS["classifier"], cls, profile, "classifier", extra)
     report["onnx_parity"] = export_and_check(det, cls, patients, profile, out)
 
     profile.save(out / "profile.json")
@@ -348,22 +354,21 @@ def export_fold_models(dataset: str | Path, artifacts: str | Path, progress: Pro
     progress = progress or log.info
     artifacts = Path(artifacts)
     profile = load_profile(artifacts / "profile.json")
-    paths = [(fold_models_dir(artifacts, k) / "detector.pt", fold_models_dir(artifacts, k) / "classifier.pt")
-             for k in range(profile.train.cv_folds)]
-    missing = [str(p) for pair in paths for p in pair if not p.is_file()]
+    paths = [{kind: fold_models_dir(artifacts, k) / name for kind, name in CHECKPOINTS.items()} for k in range(profile.train.cv_folds)]
+    missing = [str(p) for fold in paths for p in fold.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{missing}: not found; the run kept no fold models (train.save_fold_models); retrain to serve them")
     patients = load_split(Path(dataset), "train", profile, progress)
     labels = np.array([p.record.label for p in patients])
     folds = stratified_folds(labels, profile.train.cv_folds, profile.train.seed)
     parity = []
-    for k, (held_out, (det_path, cls_path)) in enumerate(zip(folds, paths)):
+    for k, (held_out, fold) in enumerate(zip(folds, paths)):
         fold_patients = [patients[i] for i in np.setdiff1d(np.arange(len(patients)), held_out)]
         digest = training_set_digest(fold_patients)
-        models = [reuse_model(path, kind, profile, digest, (), "wff export-folds")
-                  for kind, path in (("detector", det_path), ("classifier", cls_path))]
-        parity.append(export_and_check(*models, fold_patients, profile, det_path.parent))
-        progress(f"fold {k + 1}/{len(folds)}: exported to {det_path.parent} (parity {parity[-1]})")
+        models = [reuse_model(path, kind, profile, digest, (), "wff export-folds") for kind, path in fold.items()]
+        fold_dir = fold_models_dir(artifacts, k)
+        parity.append(export_and_check(*models, fold_patients, profile, fold_dir))
+        progress(f"fold {k + 1}/{len(folds)}: exported to {fold_dir} (parity {parity[-1]})")
     report_path = artifacts / "train_report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     report["fold_onnx_parity"] = parity
