@@ -6,7 +6,12 @@ Output: a :class:`~wff.ensemble.types.Study` with the usable sagittal T1/T2/STIR
 Rules, as a reading workstation applies them:
 
 * every file must parse as DICOM Part 10 (``force=False``) and hold pixel data; a DICOMDIR
-  is ignored; all files must share one PatientID;
+  is ignored. Raw bytes are checked before pydicom reads them (:mod:`wff.ensemble.dicom_guard`):
+  a deflated file is inflated only up to what is left of ``serving.max_bytes``, and a file cut
+  short is reported with the element it ends in;
+* one examination per request: every image must have Modality MR (when the tag is present),
+  one StudyInstanceUID and one PatientID; when the PatientIDs are blank, PatientName and
+  PatientBirthDate must agree too. Anything else is refused, never fused;
 * instances are grouped by SeriesInstanceUID;
 * localizers/scouts (ImageType LOCALIZER or a description such as "3-plane loc") and
   secondary or reformatted images (ImageType SECONDARY, or DERIVED with MPR/MIP/PROJECTION/
@@ -25,7 +30,11 @@ Rules, as a reading workstation applies them:
   InstanceNumber;
 * pixels go through pydicom's :func:`~pydicom.pixels.apply_modality_lut`; MONOCHROME1 is
   inverted over its representable range so that high values are bright in every slice;
-* enhanced (multi-frame) MR is read frame by frame from its functional groups.
+* enhanced (multi-frame) MR is read frame by frame from its functional groups;
+* limits are checked on headers before any pixel is decoded: NumberOfFrames against the pixel
+  data the file holds, the slices of a sagittal series against ``serving.max_slices``, the
+  selected series against the classifier's batch, and every compressed frame's own codestream
+  header (JPEG, JPEG-LS, JPEG 2000, RLE) against Rows, Columns and SamplesPerPixel.
 
 Problems with a file raise :class:`InputError` naming the file (its name in the request, never
 a patient identifier) and what to do. Skipped series are reported with their reason. Nothing
@@ -49,11 +58,13 @@ import numpy as np
 import pydicom
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
 
 from wff.config import ServingConfig
+from wff.ensemble import dicom_guard
 from wff.ensemble.types import InputError, Series, Study
 
 log = logging.getLogger(__name__)
@@ -172,6 +183,19 @@ def _int(value) -> int | None:
         return None
 
 
+def header_int(name: str, ds: Dataset, keyword: str, default: int | None = None) -> int | None:
+    """An integer (IS/US) tag of ``ds``; ``default`` when absent or empty; InputError naming the file and tag when malformed."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        shown = str(value)[:16]  # technical tags only: an integer string, never an identifier
+        raise InputError(f"{name}: {keyword} {shown!r} is not an integer; the file's header is malformed, "
+                         "send it again from the scanner or PACS") from None
+
+
 def _description(ds: Dataset) -> str:
     return str(ds.get("SeriesDescription", "") or ds.get("ProtocolName", "") or "").strip()
 
@@ -215,9 +239,12 @@ def sequence_of(ds: Dataset) -> str | None:
 def slice_normal(ds: Dataset, frame: int = 0) -> np.ndarray | None:
     """Unit normal (row cosines x column cosines) of ImageOrientationPatient, or None."""
     iop = attribute(ds, "ImageOrientationPatient", frame)
-    if iop is None or len(iop) != 6:
+    if iop is None or isinstance(iop, str) or len(iop) != 6:
         return None
-    normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+    try:
+        normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+    except (TypeError, ValueError):  # malformed DS values
+        return None
     norm = np.linalg.norm(normal)
     return normal / norm if norm > 1e-6 else None
 
@@ -228,29 +255,110 @@ def _is_dicomdir(ds: Dataset) -> bool:
 
 
 def _parse(name: str, data: bytes) -> Dataset:
-    """Part 10 bytes -> dataset; InputError naming the file when unreadable or without pixels."""
+    """Part 10 bytes (a deflated file already inflated) -> dataset; InputError naming the file when
+    unreadable, truncated or without pixels."""
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
+        for part in (ds.file_meta, ds):  # convert every element now: pydicom converts lazily, raising on first access
+            part.walk(lambda _ds, _elem: None)
     except InvalidDicomError as e:
         raise InputError(f"{name}: not a DICOM file (no DICM preamble); send DICOM Part 10 files only") from e
     except Exception as e:  # pydicom raises many types on damaged files; the cause is chained
-        raise InputError(f"{name}: unreadable DICOM ({type(e).__name__}); the file may be truncated, send it again") from e
+        cut = dicom_guard.truncation(name, data)
+        tag = re.search(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)", str(e))
+        where = f" at element ({tag.group(1).upper()},{tag.group(2).upper()})" if tag else ""
+        why = f"truncated {cut}" if cut else f"unreadable DICOM{where} ({type(e).__name__})"
+        raise InputError(f"{name}: {why}; the file may be damaged or cut short, send it again") from e
     if _is_dicomdir(ds):
         return ds
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    try:
+        known = isinstance(syntax, pydicom.uid.UID) and syntax.is_transfer_syntax
+    except ValueError:  # a private UID
+        known = False
+    if not known:
+        raise InputError(f"{name}: TransferSyntaxUID {str(syntax)[:64]!r} is not a DICOM transfer syntax; "
+                         "the file meta information is damaged, send the file again")
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        cut = dicom_guard.truncation(name, data)
+        if cut:
+            raise InputError(f"{name}: file truncated {cut}; send the complete file again")
         raise InputError(f"{name}: DICOM without pixel data (e.g. a structured report); send image files only")
     return ds
 
 
-def _stored_range(ds: Dataset) -> np.ndarray:
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
-    if int(ds.get("PixelRepresentation", 0)) == 1:
+def _declared_frames(name: str, ds: Dataset) -> int:
+    """NumberOfFrames, checked against the pixel data the file holds (native) before anything loops over it."""
+    frames = header_int(name, ds, "NumberOfFrames", 1)
+    if frames < 1:
+        raise InputError(f"{name}: NumberOfFrames {frames} is not a positive number of frames; the header is malformed")
+    if "PixelData" in ds and not _is_encapsulated(ds):
+        rows, cols = header_int(name, ds, "Rows", 0), header_int(name, ds, "Columns", 0)
+        samples = header_int(name, ds, "SamplesPerPixel", 1)
+        bits = header_int(name, ds, "BitsAllocated", 16)
+        need = frames * rows * cols * samples * bits // 8
+        have = len(ds.PixelData)
+        if need > have:
+            what = (f"NumberOfFrames {frames} x Rows {rows} x Columns {cols} x {bits} bits needs {need} bytes of pixel data"
+                    if frames > 1 else f"Rows {rows} x Columns {cols} x {bits} bits needs {need} bytes of pixel data")
+            raise InputError(f"{name}: {what}, the file holds {have} (truncated inside (7FE0,0010) PixelData, "
+                             "or a malformed header); send the complete file again")
+    return frames
+
+
+def _is_encapsulated(ds: Dataset) -> bool:
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return bool(syntax is not None and getattr(syntax, "is_encapsulated", False))
+
+
+def _stored_range(name: str, ds: Dataset) -> np.ndarray:
+    bits = header_int(name, ds, "BitsStored", header_int(name, ds, "BitsAllocated", 16))
+    if header_int(name, ds, "PixelRepresentation", 0) == 1:
         return np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1])
     return np.array([0, 2**bits - 1])
 
 
-def _pixels(name: str, ds: Dataset) -> np.ndarray:
-    """(frames, rows, cols) float32 modality values, MONOCHROME1 inverted."""
+def _check_codestreams(name: str, ds: Dataset, frames: int) -> None:
+    """Every compressed frame's own header against Rows, Columns and SamplesPerPixel, before decoding.
+
+    A decoder allocates what the codestream declares, not what the DICOM header says, so a frame
+    that declares other dimensions is refused here; so is pixel data with fewer frames than
+    NumberOfFrames.
+    """
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    rows, cols = header_int(name, ds, "Rows", 0), header_int(name, ds, "Columns", 0)
+    samples, bits = header_int(name, ds, "SamplesPerPixel", 1), header_int(name, ds, "BitsAllocated", 16)
+    found = 0
+    try:
+        for found, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames), start=1):
+            c_rows, c_cols, c_samples = dicom_guard.codestream_shape(f"{name} frame {found}", syntax, frame, bits)
+            if syntax == dicom_guard.RLE_SYNTAX:
+                c_rows, c_cols = rows, cols  # RLE carries no dimensions; its segment count was checked
+            if (c_rows, c_cols, c_samples) != (rows, cols, samples):
+                raise InputError(
+                    f"{name} frame {found}: the compressed frame declares {c_rows}x{c_cols} pixels with {c_samples} "
+                    f"component(s), the header (Rows, Columns, SamplesPerPixel) {rows}x{cols} with {samples}; "
+                    "refused before decoding: the file is damaged or crafted, send it again from the scanner or PACS")
+            if found == frames:
+                break
+    except InputError:
+        raise
+    except Exception as e:  # malformed item tags or offsets in the encapsulated pixel data
+        raise InputError(f"{name}: encapsulated pixel data is malformed ({type(e).__name__}: {e}); send the file again") from e
+    if found < frames:
+        raise InputError(f"{name}: NumberOfFrames {frames} but the pixel data holds {found} frame(s); the file is truncated or malformed")
+
+
+def _pixels(name: str, ds: Dataset, frames: int | None = None) -> np.ndarray:
+    """(frames, rows, cols) float32 modality values, MONOCHROME1 inverted; ``frames``: NumberOfFrames if already checked."""
+    frames = _declared_frames(name, ds) if frames is None else frames
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    samples = header_int(name, ds, "SamplesPerPixel", 1)
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") or samples != 1:
+        raise InputError(f"{name}: expected grey-level MR pixels, got PhotometricInterpretation "
+                         f"{str(ds.get('PhotometricInterpretation'))[:16]!r} with {samples} sample(s) per pixel")
+    if _is_encapsulated(ds):
+        _check_codestreams(name, ds, frames)
     try:
         stored = ds.pixel_array
     except Exception as e:  # missing decoder, truncated or inconsistent pixel data; cause chained
@@ -260,27 +368,38 @@ def _pixels(name: str, ds: Dataset) -> np.ndarray:
             f"{name}: pixel data cannot be decoded ({syntax_name}: {type(e).__name__}); the file may be "
             "truncated or use a compression without an installed decoder: send uncompressed DICOM"
         ) from e
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    if stored.ndim != (2 if frames == 1 else 3) or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    if stored.ndim != (2 if frames == 1 else 3):
         raise InputError(f"{name}: expected grey-level MR pixels, got {ds.get('PhotometricInterpretation')} array of shape {stored.shape}")
     stored = stored.reshape(frames, *stored.shape[-2:])
     out = np.empty(stored.shape, np.float32)
     for f in range(frames):
-        lut = ds if ("RescaleSlope" in ds or "ModalityLUTSequence" in ds) else _frame_rescale(ds, f)
-        out[f] = apply_modality_lut(stored[f], lut)
-        if photometric == "MONOCHROME1":
-            lo, hi = apply_modality_lut(_stored_range(ds), lut).astype(np.float64)
-            out[f] = np.float32(lo + hi) - out[f]
+        lut = _modality_lut(name, ds, f)
+        try:
+            out[f] = apply_modality_lut(stored[f], lut)
+            if photometric == "MONOCHROME1":
+                lo, hi = apply_modality_lut(_stored_range(name, ds), lut).astype(np.float64)
+                out[f] = np.float32(lo + hi) - out[f]
+        except InputError:
+            raise
+        except Exception as e:  # a malformed Modality LUT Sequence; cause chained
+            raise InputError(f"{name}: the modality LUT cannot be applied ({type(e).__name__}); the header is malformed") from e
     return out
 
 
-def _frame_rescale(ds: Dataset, frame: int) -> Dataset:
-    """A minimal dataset carrying one frame's rescale from the functional groups (identity if none)."""
+def _modality_lut(name: str, ds: Dataset, frame: int) -> Dataset:
+    """What apply_modality_lut reads for one frame: the file's Modality LUT Sequence, else its rescale as
+    numbers (top level, else the frame's functional groups; slope 1 and intercept 0 where absent)."""
+    if "ModalityLUTSequence" in ds:
+        return ds
     lut = Dataset()
-    slope, intercept = _float(attribute(ds, "RescaleSlope", frame)), _float(attribute(ds, "RescaleIntercept", frame))
-    if slope is not None and intercept is not None:
-        lut.RescaleSlope, lut.RescaleIntercept = slope, intercept
+    values = {k: attribute(ds, k, frame) for k in ("RescaleSlope", "RescaleIntercept")}
+    if all(v is None for v in values.values()):
+        return lut
+    for keyword, value in values.items():
+        number = _float(value) if value is not None else (1.0 if keyword == "RescaleSlope" else 0.0)
+        if number is None or not math.isfinite(number):
+            raise InputError(f"{name}: {keyword} {str(value)[:16]!r} is not a number; the header is malformed")
+        setattr(lut, keyword, number)
     return lut
 
 
@@ -299,15 +418,38 @@ def _image_type_reason(ds: Dataset) -> str | None:
     return None
 
 
-def _skip_reason(members: list[_Instance]) -> str | None:
-    """Why a series is not used, or None; a header value that cannot be read is a reason too."""
+def _skip_reason(members: list[_Instance], limits: ServingConfig) -> str | None:
+    """Why a series is not used, or None. A header value that cannot be read is a reason too: the
+    series is skipped with the file and tag named (the request fails only if nothing else is usable)."""
     try:
-        return _rule_skip_reason(members)
-    except (ValueError, TypeError, KeyError) as e:  # malformed DS/IS values and the like
-        return f"unreadable header value in {members[0].name} ({type(e).__name__})"
+        return _rule_skip_reason(members, limits)
+    except InputError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:  # malformed DS values: pydicom keeps them as text
+        return f"unreadable header value ({type(e).__name__}) in {members[0].name}"
 
 
-def _rule_skip_reason(members: list[_Instance]) -> str | None:
+def orientation_reason(normal: np.ndarray) -> str | None:
+    """Why a slice normal is not sagittal enough (None when it is), naming the plane, the angle and the limit.
+
+    The angle is the one between the normal and the patient's left-right axis: 0 for a true
+    sagittal slice, 90 for an axial or coronal one.
+    """
+    angle = math.degrees(math.acos(min(abs(float(normal[0])), 1.0)))
+    if angle <= SAGITTAL_MAX_ANGLE_DEG:
+        return None
+    limit = f"sagittal obliques are accepted up to {SAGITTAL_MAX_ANGLE_DEG:g} degrees"
+    nearest = int(np.argmax(np.abs(normal)))
+    if nearest == 0:
+        return f"oblique: {angle:.0f} degrees off the sagittal plane ({limit})"
+    plane = ("sagittal", "coronal", "axial")[nearest]
+    off = math.degrees(math.acos(min(abs(float(normal[nearest])), 1.0)))
+    if off <= 10:
+        return f"not sagittal ({plane} orientation)"
+    return f"not sagittal (oblique {plane}: {angle:.0f} degrees off the sagittal plane; {limit})"
+
+
+def _rule_skip_reason(members: list[_Instance], limits: ServingConfig) -> str | None:
     first = members[0].ds
     reason = _image_type_reason(first)
     if reason:
@@ -318,17 +460,25 @@ def _rule_skip_reason(members: list[_Instance]) -> str | None:
     normal = slice_normal(first)
     if normal is None:
         return "no usable ImageOrientationPatient"
-    if abs(normal[0]) < math.cos(math.radians(SAGITTAL_MAX_ANGLE_DEG)):
-        plane = "axial" if abs(normal[2]) >= abs(normal[1]) else "coronal"
-        return f"not sagittal ({plane} orientation)"
+    reason = orientation_reason(normal)
+    if reason:
+        return reason
+    _check_series_slices(members, limits)  # before the per-frame loop below
     for member in members:
         for frame in range(member.frames):
             other = slice_normal(member.ds, frame)
             if other is None or abs(float(np.dot(normal, other))) < SAME_ORIENTATION_COS:
-                return "slices with different orientations in one series"
+                return "slices with different or unreadable orientations (ImageOrientationPatient) in one series"
     if classify_sequence(first)[0] is None:
         return "sequence type (T1/T2/STIR) not recognised from SeriesDescription or TR/TE/TI"
     return None
+
+
+def _check_series_slices(members: list[_Instance], limits: ServingConfig) -> None:
+    n_slices = sum(m.frames for m in members)
+    if n_slices > limits.max_slices:
+        raise InputError(f"{n_slices} sagittal slices exceed the limit of {limits.max_slices} per patient (serving.max_slices) in "
+                         f"the series of {members[0].name} alone (files and their NumberOfFrames); send fewer slices")
 
 
 def _check_request(files: Sequence[tuple[str, bytes]], limits: ServingConfig) -> None:
@@ -342,7 +492,12 @@ def _check_request(files: Sequence[tuple[str, bytes]], limits: ServingConfig) ->
 
 
 def _check_selected(selected: list[list[_Instance]], limits: ServingConfig) -> None:
-    """Slice and image-size limits, checked on the headers before any pixel is decoded."""
+    """Series, slice and image-size limits, checked on the headers before any pixel is decoded."""
+    if len(selected) > limits.max_batch_classifier:
+        raise InputError(
+            f"{len(selected)} sagittal T1/T2/STIR series selected, more than the {limits.max_batch_classifier} one patient may "
+            "have (serving.max_batch_classifier: one classifier clip per series); send one patient's study, without repeated series"
+        )
     n_slices = sum(m.frames for members in selected for m in members)
     if n_slices > limits.max_slices:
         raise InputError(
@@ -350,7 +505,7 @@ def _check_selected(selected: list[list[_Instance]], limits: ServingConfig) -> N
         )
     for members in selected:
         for m in members:
-            pixels = int(m.ds.get("Rows", 0)) * int(m.ds.get("Columns", 0))
+            pixels = header_int(m.name, m.ds, "Rows", 0) * header_int(m.name, m.ds, "Columns", 0)
             if pixels > limits.max_pixels_per_slice:
                 raise InputError(
                     f"{m.name}: {m.ds.Rows}x{m.ds.Columns} pixels exceed the limit of {limits.max_pixels_per_slice} per slice "
@@ -410,12 +565,41 @@ def _values_not_echoed() -> Iterator[None]:
         pydicom_config.settings.reading_validation_mode = mode
 
 
+# Attributes that must agree across a request's images: one examination of one patient. PatientName and
+# PatientBirthDate are compared only when PatientID is blank (anonymised exports), and never echoed.
+EXAMINATION_TAGS = ("StudyInstanceUID", "PatientID")
+BLANK_ID_TAGS = ("PatientName", "PatientBirthDate")
+
+
+def _check_modality(name: str, ds: Dataset) -> None:
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality and modality != "MR":
+        raise InputError(f"{name}: Modality {modality[:16]!r}, not MR; send the patient's MR images only")
+
+
+def _check_same_examination(name: str, ds: Dataset, first: tuple[str, Dataset] | None) -> None:
+    """InputError when ``ds`` belongs to another study or patient than the request's first image."""
+    if first is None:
+        return
+    first_name, first_ds = first
+    tags = EXAMINATION_TAGS + (BLANK_ID_TAGS if not str(ds.get("PatientID", "") or "").strip() else ())
+    for tag in tags:
+        if str(ds.get(tag, "") or "").strip() != str(first_ds.get(tag, "") or "").strip():
+            what = "two examinations: send one study per request" if tag == "StudyInstanceUID" else \
+                "more than one patient: send one patient per request"
+            blank = " (PatientID blank in both)" if tag in BLANK_ID_TAGS else ""
+            raise InputError(f"{name}: different {tag} from {first_name}{blank}; the files belong to {what}")
+
+
 def _read_study(files: Sequence[tuple[str, bytes]], limits: ServingConfig) -> Study:
     groups: dict[str, list[_Instance]] = defaultdict(list)
     seen_sops: set[str] = set()
-    first_patient: tuple[str, str] | None = None  # (file name, PatientID) of the first image
+    first: tuple[str, Dataset] | None = None  # (file name, dataset) of the first image
+    inflate_left = limits.max_bytes - sum(len(data) for _, data in files)  # what deflated files may grow by
     for name, data in files:
-        ds = _parse(name, data)
+        plain = dicom_guard.inflate_bounded(name, data, inflate_left + len(data))
+        inflate_left -= len(plain) - len(data)
+        ds = _parse(name, plain)
         if _is_dicomdir(ds):
             log.debug("%s: DICOMDIR ignored", name)
             continue
@@ -424,22 +608,17 @@ def _read_study(files: Sequence[tuple[str, bytes]], limits: ServingConfig) -> St
             log.debug("%s: duplicate SOP instance ignored", name)
             continue
         seen_sops.add(sop)
-        patient_id = str(ds.get("PatientID", ""))
-        if first_patient is None:
-            first_patient = (name, patient_id)
-        elif patient_id != first_patient[1]:
-            raise InputError(
-                f"{name}: different PatientID from {first_patient[0]}; the files belong to more than one patient: "
-                "send one patient per request"
-            )
+        _check_modality(name, ds)
+        _check_same_examination(name, ds, first)
+        first = first or (name, ds)
         key = str(ds.get("SeriesInstanceUID", "")) or f"number:{ds.get('SeriesNumber', '')}:{_description(ds)}"
-        groups[key].append(_Instance(name, ds, int(ds.get("NumberOfFrames", 1) or 1)))
+        groups[key].append(_Instance(name, ds, _declared_frames(name, ds)))
     if not groups:
         raise InputError("no image files in the request (only a DICOMDIR); send the image files themselves")
 
     candidates, skipped = [], []
     for members in groups.values():
-        reason = _skip_reason(members)
+        reason = _skip_reason(members, limits)
         if reason:
             skipped.append(_skip_record(members, reason))
         else:
@@ -496,16 +675,18 @@ def _series(members: list[_Instance]) -> tuple[Series | None, str]:
     normal = slice_normal(first)
     slices: list[tuple[float, str, np.ndarray]] = []
     for m in members:
-        frames = _pixels(m.name, m.ds)
+        frames = _pixels(m.name, m.ds, m.frames)
         slices.extend(zip(_frame_positions(m, normal), [m.name] * len(frames), frames))
     shapes = sorted({frame.shape for _, _, frame in slices})
     if len(shapes) > 1:
         return None, f"slices of different sizes {shapes}"
     slices.sort(key=lambda item: item[0])
     spacing = attribute(first, "PixelSpacing")
-    if spacing is None or len(spacing) != 2:
+    if spacing is None or isinstance(spacing, str) or len(spacing) != 2:
         log.debug("series %s: no PixelSpacing, 1 mm assumed", first.get("SeriesNumber", "?"))
         spacing = (1.0, 1.0)
+    if _float(spacing[0]) is None or _float(spacing[1]) is None:
+        raise InputError(f"{members[0].name}: PixelSpacing is not two numbers; the header is malformed, send the file again")
     sequence, source = classify_sequence(first)
     series = Series(
         sequence=sequence,

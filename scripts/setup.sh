@@ -8,6 +8,25 @@ if [ ! -x "$ROOT/.venv/bin/python" ]; then
     echo "creating $ROOT/.venv" >&2
     "$PY" -m venv "$ROOT/.venv"
 fi
+# System packages the server and the tests use, from the distribution's archive when this runs as root
+# on Debian/Ubuntu: libjemalloc2 (tritonserver's allocator; the soak passes with it, BENCHMARKS.md) and
+# prometheus (promtool checks the shipped rules; the monitoring test scrapes a running server with it).
+# Elsewhere install them by hand; the server warns at start-up when it runs without jemalloc.
+SYSTEM_PACKAGES=(libjemalloc2 prometheus)
+SYSTEM_STAMP="$ROOT/.venv/.wff-system-packages"
+if [ ! -f "$SYSTEM_STAMP" ] && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    missing=()
+    for pkg in "${SYSTEM_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2> /dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        echo "installing ${missing[*]} with apt-get (first time: about a minute)" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq > /dev/null
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" > /dev/null
+    fi
+    touch "$SYSTEM_STAMP"
+fi
 STAMP="$ROOT/.venv/.wff-installed"
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
     echo "installing spine-wff and its dependencies into .venv (first time: about 1-2 minutes)" >&2

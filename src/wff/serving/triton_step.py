@@ -10,9 +10,10 @@ Triton side once:
 * ``execute`` returns exactly one response per request. A non-batching step runs one request
   (one patient) at a time. A batching step (``max_batch_size > 0``: detector, classifier)
   concatenates every request's batch into one ``run`` call and splits the outputs back;
-* errors stay with their request: ``InputError``/``ValueError`` -> ``INVALID_ARG`` with the
-  message; anything else -> ``INTERNAL`` with the traceback logged. If a merged batch fails
-  with bad input, each request is rerun alone so only the bad one fails;
+* errors stay with their request: ``InputError`` (the client's input is unusable) ->
+  ``INVALID_ARG`` with the message; anything else, a plain ``ValueError`` included (a bug or a
+  broken model file, not the client's fault) -> ``INTERNAL`` with the traceback logged. If a
+  merged batch fails, each request is rerun alone so only the bad one fails;
 * custom counters (wff.serving.custom_metrics): every INVALID_ARG answer counts in
   ``wff_rejected_inputs_total{model, reason}``; steps count their own with ``count()``.
   Python backends without custom-metric support (before Triton 23.05) count nothing.
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from wff.ensemble.types import InputError
 from wff.serving.custom_metrics import COUNTERS, rejection_reason
 
 Arrays = Mapping[str, np.ndarray]
@@ -91,7 +93,7 @@ class TritonStep:
         """``make_response()``, or the error response for what it raised."""
         try:
             return make_response()
-        except ValueError as e:  # includes wff.ensemble.types.InputError
+        except InputError as e:
             self.count("wff_rejected_inputs_total", model=self.model_name, reason=rejection_reason(str(e)))
             return self._error(str(e), pb_utils.TritonError.INVALID_ARG)
         except Exception as e:  # a bug, not the client's fault: log it, answer INTERNAL, keep serving
