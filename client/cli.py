@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -9,13 +10,54 @@ from pathlib import Path
 
 import click
 
-from wff.client.grpc_client import DEFAULT_TIMEOUT_S
+from wff.client.grpc_client import DEFAULT_MAX_BYTES, DEFAULT_RETRIES, DEFAULT_TIMEOUT_S
 
-url_option = click.option("--url", default="localhost:8001", show_default=True, help="tritonserver gRPC endpoint, host:port.")
-ssl_option = click.option("--ssl", is_flag=True, help="Use TLS.")
-certs_option = click.option("--root-certificates", type=click.Path(exists=True, dir_okay=False), help="PEM root certificates for --ssl.")
-timeout_option = click.option("--timeout", "timeout_s", default=DEFAULT_TIMEOUT_S, show_default=True,
-                              type=click.FloatRange(min=0, min_open=True), help="Seconds to wait for each answer.")
+PEM = click.Path(exists=True, dir_okay=False)
+TLS_OPTIONS = (
+    click.option("--ssl", is_flag=True, help="TLS with the system's root certificates (implied by --tls-ca/--tls-cert/--tls-key)."),
+    click.option("--tls-ca", type=PEM, help="PEM root certificate(s) the server's certificate must chain to (TLS with these roots)."),
+    click.option("--tls-cert", type=PEM, help="PEM client certificate, for a server that requires mutual TLS (with --tls-key)."),
+    click.option("--tls-key", type=PEM, help="PEM private key of --tls-cert."),
+)
+CONNECTION_OPTIONS = (
+    click.option("--url", default="localhost:8001", show_default=True, help="tritonserver gRPC endpoint, host:port."),
+    click.option("--timeout", "timeout_s", default=DEFAULT_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                 help="Seconds to wait for each answer, retries included."),
+    click.option("--retries", default=DEFAULT_RETRIES, show_default=True, type=click.IntRange(min=0),
+                 help="Further attempts, with growing pauses, when the server answers UNAVAILABLE (overloaded, restarting, not listening)."),
+    click.option("--max-bytes", default=DEFAULT_MAX_BYTES, show_default=True, type=click.IntRange(min=1),
+                 help="Largest patient sent, in file bytes; larger ones are refused before sending (the server's serving.max_bytes)."),
+)
+
+
+def _with_options(command, options):
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def tls_options(command):
+    """--ssl, --tls-ca, --tls-cert, --tls-key; the command receives them as one dict ``tls``, keyword arguments of
+    DiagnosisClient."""
+
+    @functools.wraps(command)
+    def wrapper(*args, ssl: bool, tls_ca: str | None, tls_cert: str | None, tls_key: str | None, **kwargs):
+        if (tls_cert is None) != (tls_key is None):
+            raise click.UsageError("--tls-cert and --tls-key go together: give the client certificate and its private key")
+        return command(*args, tls={"ssl": ssl, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}, **kwargs)
+
+    return _with_options(wrapper, TLS_OPTIONS)
+
+
+def client_options(command):
+    """--url, --timeout, --retries, --max-bytes and the TLS options; the command receives them as one dict
+    ``client``: ``url`` plus DiagnosisClient's keyword arguments."""
+
+    @functools.wraps(command)
+    def wrapper(*args, url: str, timeout_s: float, retries: int, max_bytes: int, tls: dict, **kwargs):
+        return command(*args, client={"url": url, "timeout_s": timeout_s, "retries": retries, "max_bytes": max_bytes, **tls}, **kwargs)
+
+    return _with_options(tls_options(wrapper), CONNECTION_OPTIONS)
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -36,13 +78,13 @@ def format_diagnosis(dx) -> str:
     return "\n".join(lines)
 
 
-def _overlay_image_config(profile_json: Path | None, url: str, ssl: bool, root_certificates: str | None, timeout_s: float):
+def _overlay_image_config(profile_json: Path | None, client: dict):
     """The detector input configuration to decode overlays with: the given profile.json's, else the server's size."""
     from wff.client.overlay import served_image_config
     from wff.config import load_profile
 
     if profile_json is None:
-        return served_image_config(url, ssl, root_certificates, timeout_s)
+        return served_image_config(**client)
     try:
         return load_profile(profile_json).image
     except ValueError as e:
@@ -65,25 +107,22 @@ def _write_json(data: dict, target: str) -> None:
 @click.command()
 @click.argument("patient_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--age", type=float, help="Age in years; overrides the DICOM PatientAge (the server checks the range).")
-@url_option
-@ssl_option
-@certs_option
-@timeout_option
+@client_options
 @click.option("--json", "json_out", metavar="FILE|-", help="Write the diagnosis as JSON to FILE, or stdout with -.")
 @click.option("--overlay", "overlay_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write one PNG per series to this folder: the detected boxes, class and probability on the detector input (Fig. 4).")
 @overlay_profile_option
-def diagnose(patient_dir: Path, age: float | None, url: str, ssl: bool, root_certificates: str | None, timeout_s: float,
-             json_out: str | None, overlay_dir: Path | None, profile_json: Path | None) -> None:
+def diagnose(patient_dir: Path, age: float | None, client: dict, json_out: str | None, overlay_dir: Path | None,
+             profile_json: Path | None) -> None:
     """Send one patient's DICOM files (PATIENT_DIR, .json/.csv skipped) and print the diagnosis."""
     from wff.client.grpc_client import DiagnosisClient, DiagnosisError, read_patient_files
 
     try:
         files = read_patient_files(patient_dir)
-        with DiagnosisClient(url, ssl, root_certificates, timeout_s) as client:
-            dx = client.diagnose(files, age)
-            settings = client.fusion_settings() if overlay_dir else None
-        image_cfg = _overlay_image_config(profile_json, url, ssl, root_certificates, timeout_s) if overlay_dir else None
+        with DiagnosisClient(**client) as diagnosis_client:
+            dx = diagnosis_client.diagnose(files, age)
+            settings = diagnosis_client.fusion_settings() if overlay_dir else None
+        image_cfg = _overlay_image_config(profile_json, client) if overlay_dir else None
     except FileNotFoundError as e:
         raise click.BadParameter(str(e), param_hint="PATIENT_DIR") from e
     except (DiagnosisError, ValueError) as e:
@@ -105,10 +144,7 @@ def diagnose(patient_dir: Path, age: float | None, url: str, ssl: bool, root_cer
 @click.command()
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--split", default="test", show_default=True, help="labels.csv split to evaluate.")
-@url_option
-@ssl_option
-@certs_option
-@timeout_option
+@client_options
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(min=1), help="Requests in flight.")
 @click.option("--json", "json_out", metavar="FILE|-", help="Write metrics as JSON to FILE, or stdout with -.")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False, path_type=Path), help="Write one row per patient to this CSV.")
@@ -117,11 +153,13 @@ def diagnose(patient_dir: Path, age: float | None, url: str, ssl: bool, root_cer
 @click.option("--overlay", "overlay_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write Fig. 4-style overlay PNGs of the misclassified patients (served strategy) to this folder.")
 @overlay_profile_option
-def evaluate(dataset: Path, split: str, url: str, ssl: bool, root_certificates: str | None, timeout_s: float,
-             concurrency: int, json_out: str | None, csv_out: Path | None, report_dir: Path | None, overlay_dir: Path | None,
-             profile_json: Path | None) -> None:
+def evaluate(dataset: Path, split: str, client: dict, concurrency: int, json_out: str | None, csv_out: Path | None,
+             report_dir: Path | None, overlay_dir: Path | None, profile_json: Path | None) -> None:
     """Diagnose every patient of a split over gRPC; print Table 3 (ACC, AUC, SE, SP) for the six strategies,
-    the errors per vertebral location (Fig. 6) and the ACC per MRI sequence (Fig. 7)."""
+    the errors per vertebral location (Fig. 6) and the ACC per MRI sequence (Fig. 7).
+
+    Exit code 0 when every patient was diagnosed; 1 when any failed (after every output is written,
+    with the failures counted by reason on stderr) or no server answered; 2 for bad arguments."""
     from wff.client import evaluate as ev
     from wff.client import report as rp
     from wff.client.grpc_client import DiagnosisError
@@ -136,8 +174,7 @@ def evaluate(dataset: Path, split: str, url: str, ssl: bool, root_certificates: 
         raise click.BadParameter(f"no patients with split {split!r} in {dataset / 'labels.csv'}", param_hint="--split")
     with click.progressbar(length=len(records), label=f"diagnosing {len(records)} patients", file=sys.stderr) as bar:
         try:
-            report = ev.evaluate(records, url=url, concurrency=concurrency, timeout_s=timeout_s, ssl=ssl,
-                                 root_certificates=root_certificates, on_done=lambda _: bar.update(1))
+            report = ev.evaluate(records, concurrency=concurrency, on_done=lambda _: bar.update(1), **client)
         except DiagnosisError as e:
             raise click.ClickException(str(e)) from e
     for r in report.results:
@@ -152,7 +189,7 @@ def evaluate(dataset: Path, split: str, url: str, ssl: bool, root_certificates: 
         files = rp.write_report(report, report_dir)
         click.echo(f"report: {len(files)} files written to {report_dir}", err=True)
     if overlay_dir and report.errors < len(report.results):
-        _write_misclassified_overlays(report, records, overlay_dir, profile_json, url, ssl, root_certificates, timeout_s)
+        _write_misclassified_overlays(report, records, overlay_dir, profile_json, client)
     if json_out != "-":
         done = len(report.results) - report.errors
         click.echo(f"{done} of {len(report.results)} patients diagnosed ({report.errors} errors), "
@@ -164,19 +201,28 @@ def evaluate(dataset: Path, split: str, url: str, ssl: bool, root_certificates: 
             click.echo(rp.format_per_location(data["per_location"]))
             click.echo("")
             click.echo(rp.format_sequences(data["sequences"]))
-    if report.errors == len(report.results):
-        raise click.ClickException("every request failed")
+    if report.errors:
+        click.echo(format_failures(report.failures(), len(report.results)), err=True)
+        raise click.ClickException(f"{report.errors} of {len(report.results)} patients failed (counted by reason above)")
 
 
-def _write_misclassified_overlays(report, records, overlay_dir: Path, profile_json: Path | None, url: str, ssl: bool,
-                                  root_certificates: str | None, timeout_s: float) -> None:
+def format_failures(failures: dict[str, list[str]], patients: int, shown: int = 5) -> str:
+    """The failed patients counted by reason, a few ids each."""
+    lines = [f"{sum(len(ids) for ids in failures.values())} of {patients} patients failed:"]
+    for reason, ids in failures.items():
+        more = f", ... ({len(ids) - shown} more)" if len(ids) > shown else ""
+        lines.append(f"  {len(ids):>4}  {reason}: {', '.join(ids[:shown])}{more}")
+    return "\n".join(lines)
+
+
+def _write_misclassified_overlays(report, records, overlay_dir: Path, profile_json: Path | None, client: dict) -> None:
     """Overlays of every patient whose served diagnosis is wrong, named after its dataset folder."""
     from wff.client.grpc_client import DiagnosisError, read_patient_files
     from wff.client.overlay import write_overlays
     from wff.config import LABELS
 
     try:
-        image_cfg = _overlay_image_config(profile_json, url, ssl, root_certificates, timeout_s)
+        image_cfg = _overlay_image_config(profile_json, client)
     except (DiagnosisError, ValueError) as e:
         raise click.ClickException(f"overlays not written: {e}") from e
     folders = {r.patient_id: r.path for r in records}

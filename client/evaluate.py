@@ -7,6 +7,11 @@ parameters: no second inference. Malignant is the positive class. Beyond Table 3
 evaluation gives the error per vertebral location (Fig. 6), the metrics per sequence subset
 (Fig. 7) and the ROC curves (wff.ensemble.report_metrics); wff.client.report writes them.
 
+A patient whose request fails (rejected input, overloaded or absent server, or an unexpected
+exception while reading its files or parsing the answer) gets a result with its error and the
+reason's group (:func:`failure_reason`) instead of a diagnosis; the other patients are not
+affected. Every metric is computed over the diagnosed patients.
+
 Dataset layout: ``DATASET/labels.csv`` (patient_id,label,age,location,split) and one folder
 ``DATASET/<patient_id>/`` of DICOM files per patient.
 """
@@ -15,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wff.client.grpc_client import DEFAULT_TIMEOUT_S, AsyncDiagnosisClient, DiagnosisError, read_patient_files
+from wff.client.grpc_client import AsyncDiagnosisClient, DiagnosisError, read_patient_files
 from wff.config import LABELS
 from wff.ensemble.diagnosis import Diagnosis
 from wff.ensemble.fusion import Components, FusionSettings
@@ -29,8 +35,19 @@ from wff.ensemble.metrics import strategy_table
 from wff.ensemble.report_metrics import location_table, sequence_table
 from wff.ensemble.types import PatientRecord
 
+log = logging.getLogger(__name__)
+
 METRICS = ("acc", "auc", "se", "sp")
 CSV_FIELDS = ("patient_id", "label", "predicted_label", "p_malignant", "n_series", "seconds", "error")
+
+
+def failure_reason(e: Exception) -> str:
+    """The group of a patient's failure in summaries: the DiagnosisError's reason, or the exception type."""
+    if isinstance(e, DiagnosisError):
+        return e.reason
+    if isinstance(e, FileNotFoundError):
+        return "no files to send"
+    return f"unexpected {type(e).__name__}"
 
 
 def json_number(v: float | None) -> float | None:
@@ -46,6 +63,7 @@ class PatientResult:
     diagnosis: Diagnosis | None = None
     error: str | None = None  # why no diagnosis came back
     location: str = ""  # vertebral location from labels.csv (one of config.LOCATIONS)
+    reason: str = ""  # the error's group (failure_reason), e.g. "input rejected by the server"
 
     @property
     def series_sequences(self) -> list[str]:
@@ -80,6 +98,14 @@ class Evaluation:
     def seconds_per_patient(self) -> float:
         return self.wall_s / len(self.results) if self.results else math.nan
 
+    def failures(self) -> dict[str, list[str]]:
+        """{reason: patient ids} of the patients without a diagnosis, most frequent reason first."""
+        groups: dict[str, list[str]] = {}
+        for r in self.results:
+            if r.diagnosis is None:
+                groups.setdefault(r.reason or "unknown", []).append(r.patient_id)
+        return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
+
     @property
     def diagnosed(self) -> list[PatientResult]:
         """The patients that got a diagnosis: every metric is computed over these."""
@@ -105,6 +131,7 @@ class Evaluation:
             "seconds_per_patient": json_number(self.seconds_per_patient),
             "patients": len(self.results),
             "errors": self.errors,
+            "failures": self.failures(),
             "served_strategy": self.settings.served_strategy,
             # what made the decisions: weights, vote and voting thresholds, calibration (not the CV report)
             "fusion": self.settings.to_dict(cv=False),
@@ -131,10 +158,16 @@ async def diagnose_records(
     concurrency: int,
     on_done: Callable[[PatientResult], None] | None = None,
 ) -> list[PatientResult]:
-    """Every record diagnosed with at most ``concurrency`` requests in flight; results in record order."""
+    """Every record diagnosed with at most ``concurrency`` requests in flight; results in record order.
+
+    Whatever one patient raises (an Exception, not a cancellation) becomes that patient's error;
+    the unexpected ones (not a DiagnosisError or a missing folder) are logged with their traceback."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     gate = asyncio.Semaphore(concurrency)
+
+    def failed(record: PatientRecord, e: Exception, message: str) -> PatientResult:
+        return PatientResult(record.patient_id, record.label, 0.0, error=message, location=record.location, reason=failure_reason(e))
 
     async def one(record: PatientRecord) -> PatientResult:
         async with gate:
@@ -144,8 +177,11 @@ async def diagnose_records(
                 age = None if math.isnan(record.age) else record.age
                 diagnosis = await client.diagnose(files, age)
                 result = PatientResult(record.patient_id, record.label, 0.0, diagnosis=diagnosis, location=record.location)
-            except (DiagnosisError, FileNotFoundError, ValueError) as e:
-                result = PatientResult(record.patient_id, record.label, 0.0, error=str(e), location=record.location)
+            except (DiagnosisError, FileNotFoundError) as e:
+                result = failed(record, e, str(e))
+            except Exception as e:  # a bug, or a file that cannot be read: this patient's failure, not the run's
+                log.exception("patient %s: %s", record.patient_id, failure_reason(e))
+                result = failed(record, e, f"{failure_reason(e)}: {e}")
             result.seconds = time.perf_counter() - started
         if on_done:
             on_done(result)
@@ -166,12 +202,11 @@ async def evaluate_async(
     records: Sequence[PatientRecord],
     url: str = "localhost:8001",
     concurrency: int = 4,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    ssl: bool = False,
-    root_certificates: str | None = None,
     on_done: Callable[[PatientResult], None] | None = None,
+    **client_args,
 ) -> Evaluation:
-    async with AsyncDiagnosisClient(url, ssl, root_certificates, timeout_s) as client:
+    """``client_args``: AsyncDiagnosisClient's keyword arguments (timeout_s, retries, max_bytes, ssl, tls_*)."""
+    async with AsyncDiagnosisClient(url, **client_args) as client:
         settings = await client.fusion_settings()  # fails fast when no server answers
         started = time.perf_counter()
         results = await diagnose_records(client, records, concurrency, on_done)

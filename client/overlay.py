@@ -220,20 +220,15 @@ def image_config_from_model_config(config: dict, base: ImageConfig = ImageConfig
     return ImageConfig(size=size, clip_low=base.clip_low, clip_high=base.clip_high)
 
 
-def served_image_config(url: str, ssl: bool = False, root_certificates: str | None = None, timeout_s: float | None = None) -> ImageConfig:
+def served_image_config(url: str, timeout_s: float | None = None, **tls) -> ImageConfig:
     """The detector input size from the server, with the intensity window of the built-in profiles.
 
+    ``tls`` are :class:`wff.client.grpc_client.DiagnosisClient`'s ssl / tls_ca / tls_cert / tls_key.
     Both profiles window at the same percentiles (wff.config.ImageConfig); a model trained with
     others needs :func:`write_overlays` called with its profile.json's image section.
     """
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
+    from wff.client.grpc_client import DEFAULT_TIMEOUT_S, DiagnosisClient
 
-    from wff.client.grpc_client import translate_error
-
-    try:
-        with grpcclient.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates) as client:
-            config = client.get_model_config(DETECTOR_MODEL, as_json=True, client_timeout=timeout_s)["config"]
-    except InferenceServerException as e:
-        raise translate_error(e, timeout_s=timeout_s) from e
+    with DiagnosisClient(url, timeout_s=timeout_s or DEFAULT_TIMEOUT_S, **tls) as client:
+        config = client.model_config(DETECTOR_MODEL)
     return image_config_from_model_config(config)

@@ -188,11 +188,11 @@ async def soak(
     max_growth_bytes: int = DEFAULT_MAX_GROWTH_BYTES,
     seed: int = 0,
     timeout_s: float = 120.0,
-    ssl: bool = False,
-    root_certificates: str | None = None,
+    tls: dict | None = None,
     is_alive=None,
 ) -> SoakReport:
-    """Run the soak against the gRPC endpoint ``url``; ``server_pid`` is the tritonserver process to sample."""
+    """Run the soak against the gRPC endpoint ``url``; ``server_pid`` is the tritonserver process to sample;
+    ``tls`` holds AsyncDiagnosisClient's ssl / tls_ca / tls_cert / tls_key."""
     if not patients:
         raise ValueError("the soak needs at least one good patient")
     if not 0 <= bad_fraction <= 1:
@@ -208,7 +208,7 @@ async def soak(
     def failed(kind: str, e: Exception) -> None:
         failures.setdefault(kind, Counter())[str(e)[:300]] += 1
 
-    async with AsyncDiagnosisClient(url, ssl=ssl, root_certificates=root_certificates, timeout_s=timeout_s) as client:
+    async with AsyncDiagnosisClient(url, timeout_s=timeout_s, **(tls or {})) as client:
         await asyncio.gather(*(client.diagnose(files) for files in patients for _ in range(min(concurrency, 2))))
         started = time.monotonic()
         deadline = started + warmup_s + duration_s

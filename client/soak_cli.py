@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from wff.client.cli import certs_option, ssl_option
+from wff.client.cli import tls_options
 from wff.serving.cli import SET_HELP, trained_serving_for_click
 
 
@@ -51,12 +51,11 @@ def _patients(dataset: Path | None, split: str | None, patient_dirs: tuple[Path,
 @click.option("--max-growth-mib", default=64.0, show_default=True, type=click.FloatRange(min=0), help="Allowed memory growth (trend) after the warm-up.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="serving.KEY=VALUE", help=SET_HELP)
-@ssl_option
-@certs_option
+@tls_options
 @click.option("--json", "json_out", metavar="FILE|-", help="Write the report (counts, latencies, memory samples) as JSON.")
 def soak(url: str | None, repository: Path | None, artifacts: Path | None, dataset: Path | None, split: str | None,
          patient_dirs: tuple[Path, ...], max_patients: int, minutes: float, warmup_minutes: float, concurrency: int, bad_fraction: float,
-         sample_every_s: float, max_growth_mib: float, seed: int, overrides: tuple[str, ...], ssl: bool, root_certificates: str | None, json_out: str | None) -> None:
+         sample_every_s: float, max_growth_mib: float, seed: int, overrides: tuple[str, ...], tls: dict, json_out: str | None) -> None:
     """Send good and bad patients at full concurrency for --minutes; exit 1 unless every good one was diagnosed,
     every bad one rejected, the server survived and its memory did not grow beyond --max-growth-mib."""
     from wff.client.grpc_client import DiagnosisError
@@ -70,7 +69,7 @@ def soak(url: str | None, repository: Path | None, artifacts: Path | None, datas
     serving = trained_serving_for_click(artifacts, overrides)
     patients = _patients(dataset, split, patient_dirs, max_patients)
     settings = dict(duration_s=minutes * 60, warmup_s=warmup_minutes * 60, concurrency=concurrency, bad_fraction=bad_fraction, sample_every_s=sample_every_s,
-                    max_growth_bytes=int(max_growth_mib * MIB), seed=seed, ssl=ssl, root_certificates=root_certificates)
+                    max_growth_bytes=int(max_growth_mib * MIB), seed=seed, tls=tls)
     with tempfile.TemporaryDirectory(prefix="wff-soak-") as tmp:
         try:
             if url is not None:

@@ -3,7 +3,9 @@
 import asyncio
 import csv
 import json
+import logging
 import math
+import time
 
 import numpy as np
 import pytest
@@ -14,14 +16,24 @@ from wff.cli import main
 from wff.training.dataset import load_records
 from wff.client.evaluate import Evaluation, PatientResult, compare_evaluations, diagnose_records, score
 from wff.client.grpc_client import (
+    DEFAULT_MAX_BYTES,
+    GRPC_FRAMING_BYTES,
+    MAX_RETRY_PAUSE_S,
+    RETRY_PAUSE_S,
+    AsyncDiagnosisClient,
+    DiagnosisClient,
     DiagnosisError,
     RejectedInput,
+    RequestTooLarge,
+    ServerBusy,
     ServerUnavailable,
     build_inputs,
+    channel_kwargs,
     read_patient_files,
     settings_from_config,
     translate_error,
 )
+from wff.config import ServingConfig
 from wff.ensemble.diagnosis import Diagnosis
 from wff.ensemble.fusion import STRATEGIES, FusionSettings
 from wff.serving.server import free_port
@@ -107,6 +119,173 @@ class TestSettingsFromConfig:
         with pytest.raises(DiagnosisError, match="fusion parameters are unusable.*wff repo build"):
             settings_from_config(config)
 
+def closed_url() -> str:
+    """host:port where nothing listens: every call is answered UNAVAILABLE at once."""
+    return f"127.0.0.1:{free_port()}"
+
+
+def pauses_s(retries: int) -> tuple[float, float]:
+    """Shortest and longest total pause of ``retries`` retries (each pause is half to all of its doubled step)."""
+    steps = [min(MAX_RETRY_PAUSE_S, RETRY_PAUSE_S * 2**k) for k in range(retries)]
+    return sum(steps) / 2, sum(steps)
+
+
+class ScriptedTriton:
+    """Stands in for tritonclient's InferenceServerClient: get_model_config raises the scripted errors in turn, then answers."""
+
+    script: list[InferenceServerException] = []
+    last: "ScriptedTriton | None" = None
+
+    def __init__(self, url, **kwargs):
+        self.url, self.kwargs, self.calls, self.errors = url, kwargs, 0, list(ScriptedTriton.script)
+        ScriptedTriton.last = self
+
+    def get_model_config(self, model, as_json, client_timeout):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        from wff.serving.repository import fusion_parameters
+
+        return {"config": {"parameters": {k: {"string_value": v} for k, v in fusion_parameters(FusionSettings()).items()}}}
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """DiagnosisClient over ScriptedTriton; set ScriptedTriton.script before making the client."""
+    import tritonclient.grpc as grpcclient
+
+    monkeypatch.setattr(grpcclient, "InferenceServerClient", ScriptedTriton)
+    monkeypatch.setattr(ScriptedTriton, "script", [])
+    return ScriptedTriton
+
+
+def unavailable(message: str = "failed to connect to all addresses") -> InferenceServerException:
+    return InferenceServerException(message, status="StatusCode.UNAVAILABLE")
+
+
+class TestRetries:
+    def test_no_server_is_retried_with_growing_pauses(self):
+        """UNAVAILABLE is sent again `retries` times with doubling pauses; the error says how many attempts."""
+        retries, (shortest, longest) = 3, pauses_s(3)
+        started = time.monotonic()
+        with DiagnosisClient(closed_url(), retries=retries, timeout_s=30) as client, pytest.raises(ServerUnavailable) as e:
+            client.fusion_settings()
+        took = time.monotonic() - started
+        assert e.value.attempts == retries + 1 and f"[{retries + 1} attempts in" in str(e.value)
+        assert shortest <= took <= longest + 1.0
+
+    def test_async_client_retries_too(self):
+        """The asyncio client (wff evaluate, soak, bench) follows the same policy."""
+
+        async def run():
+            async with AsyncDiagnosisClient(closed_url(), retries=2, timeout_s=30) as client:
+                await client.diagnose([("a.dcm", b"x")])
+
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable) as e:
+            asyncio.run(run())
+        assert e.value.attempts == 3 and "[3 attempts in" in str(e.value)
+        assert pauses_s(2)[0] <= time.monotonic() - started <= pauses_s(2)[1] + 1.0
+
+    def test_retries_stop_at_the_timeout(self):
+        """However many retries are allowed, the call ends within its timeout."""
+        timeout_s = 1.0
+        started = time.monotonic()
+        with DiagnosisClient(closed_url(), retries=50, timeout_s=timeout_s) as client, pytest.raises(ServerUnavailable) as e:
+            client.diagnose([("a.dcm", b"x")])
+        assert time.monotonic() - started <= timeout_s + 0.5
+        assert 1 < e.value.attempts < 51 and f"[{e.value.attempts} attempts in" in str(e.value)
+
+    def test_zero_retries_is_one_attempt(self):
+        """retries=0: one attempt, and the error says so."""
+        with DiagnosisClient(closed_url(), retries=0) as client, pytest.raises(ServerUnavailable, match=r"\[1 attempt in") as e:
+            client.fusion_settings()
+        assert e.value.attempts == 1
+
+    def test_unavailable_then_answered(self, scripted):
+        """Two UNAVAILABLE answers, then the server answers: the call succeeds on the third attempt."""
+        scripted.script = [unavailable(), unavailable("in ensemble 'wff_diagnosis', Exceeds maximum queue size")]
+        with DiagnosisClient("h:1", retries=3) as client:
+            assert client.fusion_settings() == FusionSettings()
+        assert scripted.last.calls == 3
+
+    @pytest.mark.parametrize("status", ["StatusCode.INVALID_ARGUMENT", "StatusCode.INTERNAL", "StatusCode.DEADLINE_EXCEEDED"])
+    def test_other_errors_are_final(self, scripted, status):
+        """INVALID_ARGUMENT (and any status but UNAVAILABLE) is raised after one attempt."""
+        scripted.script = [InferenceServerException("DICOM_FILES[0]: not DICOM", status=status)]
+        with DiagnosisClient("h:1", retries=3) as client, pytest.raises(DiagnosisError) as e:
+            client.fusion_settings()
+        assert scripted.last.calls == 1 and e.value.attempts == 1 and "attempt" not in str(e.value)
+
+    def test_shed_request_is_server_busy(self):
+        """Triton's queue-policy rejections become ServerBusy, which says what to change."""
+        for message in ("Exceeds maximum queue size", "Request timeout expired"):
+            err = translate_error(unavailable(f"in ensemble 'wff_diagnosis', {message}"))
+            assert isinstance(err, ServerBusy) and "overloaded" in str(err) and "serving.max_queue_size" in str(err)
+        assert type(translate_error(unavailable())) is ServerUnavailable
+
+    def test_negative_retries_refused(self):
+        with pytest.raises(ValueError, match="retries must be >= 0"):
+            DiagnosisClient("h:1", retries=-1)
+
+
+@pytest.fixture
+def pem_files(tmp_path):
+    """(ca, cert, key): placeholder files; tritonclient reads them, the fake below does not check them."""
+    paths = []
+    for name in ("ca.pem", "client.crt", "client.key"):
+        (tmp_path / name).write_text("PEM")
+        paths.append(str(tmp_path / name))
+    return paths
+
+
+class TestChannel:
+    def test_tls_files_reach_tritonclient(self, scripted, pem_files):
+        """tls_ca / tls_cert / tls_key become root_certificates / certificate_chain / private_key, with TLS on."""
+        ca, cert, key = pem_files
+        DiagnosisClient("h:1", tls_ca=ca, tls_cert=cert, tls_key=key).close()
+        kwargs = scripted.last.kwargs
+        assert (kwargs["ssl"], kwargs["root_certificates"], kwargs["certificate_chain"], kwargs["private_key"]) == (True, ca, cert, key)
+
+    @pytest.mark.parametrize("given, ssl", [({}, False), ({"ssl": True}, True), ({"tls_ca": 0}, True)])
+    def test_tls_is_on_when_asked_or_implied(self, pem_files, given, ssl):
+        """No TLS by default; --ssl is TLS with the system's roots; any PEM file implies TLS."""
+        given = {k: pem_files[v] if k == "tls_ca" else v for k, v in given.items()}
+        kwargs = channel_kwargs(**given)
+        assert kwargs["ssl"] is ssl and kwargs["root_certificates"] == given.get("tls_ca")
+
+    def test_certificate_needs_its_key(self, pem_files):
+        with pytest.raises(ValueError, match="give both tls_cert and tls_key"):
+            channel_kwargs(tls_cert=pem_files[1])
+
+    def test_missing_pem_file_named(self, tmp_path):
+        with pytest.raises(FileNotFoundError, match="tls_ca .*absent.pem: no such PEM file"):
+            DiagnosisClient("h:1", tls_ca=tmp_path / "absent.pem")
+
+    def test_message_limits_follow_max_bytes(self):
+        """The channel's send and receive limits are max_bytes plus framing (default: serving.max_bytes)."""
+        assert DEFAULT_MAX_BYTES == ServingConfig().max_bytes
+        for max_bytes in (DEFAULT_MAX_BYTES, 1000):
+            args = dict(channel_kwargs(max_bytes=max_bytes)["channel_args"])
+            assert args["grpc.max_send_message_length"] == args["grpc.max_receive_message_length"] == max_bytes + GRPC_FRAMING_BYTES
+
+    def test_too_large_patient_is_not_sent(self):
+        """Files beyond max_bytes are refused before any connection (no server is needed to find out)."""
+        files = [("T2/IM1.dcm", b"x" * 60), ("T2/IM2.dcm", b"x" * 70)]
+        with DiagnosisClient(closed_url(), max_bytes=100) as client, pytest.raises(RequestTooLarge, match=r"not sent: the patient's 2 file\(s\) total 130 bytes, beyond the limit of 100 bytes .*largest: T2/IM2.dcm, 70 bytes"):
+            client.diagnose(files)
+
+        async def run():
+            async with AsyncDiagnosisClient(closed_url(), max_bytes=100) as client:
+                await client.diagnose(files)
+
+        with pytest.raises(RequestTooLarge, match="beyond the limit"):
+            asyncio.run(run())
+
+
 class FakeClient:
     """Stands in for AsyncDiagnosisClient: P3 is rejected, the others get a diagnosis."""
 
@@ -141,6 +320,27 @@ class TestEvaluation:
         rows = list(csv.DictReader(open(tmp_path / "out.csv")))
         assert rows[2]["error"] and rows[0]["predicted_label"] == "malignant" and rows[0]["n_series"] == "2"
 
+
+    @pytest.mark.parametrize("exc", [OSError(5, "Input/output error"), KeyError("series_info"), ValueError("bad DS value")])
+    def test_unexpected_exception_is_one_patients_failure(self, tmp_path, caplog, exc):
+        """An exception of one patient that is no DiagnosisError becomes that patient's logged failure; the others keep their results."""
+
+        class Breaking(FakeClient):
+            async def diagnose(self, files, age):
+                if age == 2:
+                    raise exc
+                return await super().diagnose(files, age)
+
+        write_dataset(tmp_path, [(f"P{i}", "malignant" if i > 2 else "benign", str(i), "lumbar", "test") for i in range(1, 6)])
+        with caplog.at_level(logging.ERROR, logger="wff.client.evaluate"):
+            results = asyncio.run(diagnose_records(Breaking(), load_records(tmp_path), concurrency=2))
+        assert [r.diagnosis is not None for r in results] == [True, False, False, True, True]
+        reason = f"unexpected {type(exc).__name__}"
+        assert results[1].reason == reason and results[1].error.startswith(reason)
+        assert "P2" in caplog.text and "Traceback" in caplog.text  # the bug is logged, not only counted
+        report = Evaluation(results, FusionSettings(), wall_s=1.0, table=score(results, FusionSettings()))
+        assert report.failures() == {reason: ["P2"], "input rejected by the server": ["P3"]}
+        assert report.to_dict()["failures"] == report.failures()
 
     def test_compare_counts_changed_decisions(self):
         """Two runs on the same patients: per strategy, decisions that flip and the largest score change; unmatched patients left out."""
@@ -206,6 +406,31 @@ class TestCli:
         args = ["diagnose", str(tmp_path), "--url", f"127.0.0.1:{free_port()}", "--timeout", "5", "--overlay", str(tmp_path / "ov")]
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 1 and "no server answered" in result.output and not (tmp_path / "ov").exists()
+
+    def test_diagnose_says_how_many_attempts(self, tmp_path):
+        """--retries 0 against no server: one attempt, said in the message."""
+        (tmp_path / "IM1.dcm").write_bytes(b"x")
+        result = CliRunner().invoke(main, ["diagnose", str(tmp_path), "--url", closed_url(), "--retries", "0"])
+        assert result.exit_code == 1 and "no server answered" in result.output and "[1 attempt in" in result.output
+
+    def test_diagnose_refuses_a_patient_beyond_max_bytes(self, tmp_path):
+        """--max-bytes: a larger patient is refused before sending, with the limit in the message."""
+        (tmp_path / "IM1.dcm").write_bytes(b"x" * 2048)
+        result = CliRunner().invoke(main, ["diagnose", str(tmp_path), "--url", closed_url(), "--max-bytes", "1024"])
+        assert result.exit_code == 1 and "not sent: the patient's 1 file(s) total 2048 bytes, beyond the limit of 1024 bytes" in result.output
+        assert "no server answered" not in result.output
+
+    @pytest.mark.parametrize("command", ["diagnose", "evaluate", "soak"])
+    def test_tls_options_everywhere(self, command):
+        """Every command that speaks gRPC takes --tls-ca/--tls-cert/--tls-key and --ssl; --root-certificates is gone."""
+        text = CliRunner().invoke(main, [command, "--help"]).output
+        assert all(option in text for option in ("--tls-ca", "--tls-cert", "--tls-key", "--ssl")) and "--root-certificates" not in text
+
+    def test_client_certificate_needs_its_key(self, tmp_path):
+        """--tls-cert without --tls-key is a usage error."""
+        (tmp_path / "c.pem").write_text("x")
+        result = CliRunner().invoke(main, ["diagnose", str(tmp_path), "--tls-cert", str(tmp_path / "c.pem")])
+        assert result.exit_code == 2 and "--tls-cert and --tls-key go together" in result.output
 
     def test_evaluate_without_labels(self, tmp_path):
         """A folder without labels.csv is a usage error naming the file."""

@@ -93,7 +93,9 @@ class TestConfigs:
             assert cfg.HasField("dynamic_batching") and cfg.dynamic_batching.max_queue_delay_microseconds == TINY.serving.max_queue_delay_us
             assert all(0 < b <= cfg.max_batch_size for b in cfg.dynamic_batching.preferred_batch_size)
         for name in PYTHON_STEPS:
-            assert configs[name].backend == "python" and not configs[name].HasField("dynamic_batching")
+            batcher = configs[name].dynamic_batching
+            assert configs[name].backend == "python" and configs[name].max_batch_size == 0
+            assert not batcher.preferred_batch_size and batcher.max_queue_delay_microseconds == 0  # one request at a time
             assert configs[name].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
 
     def test_fusion_parameters_carry_the_settings(self, built, tiny_artifacts):
@@ -125,6 +127,36 @@ class TestConfigs:
         assert params["served_strategy"] == "Det-Seq-Age" and json.loads(params["det_threshold"]) == 0.5
         with pytest.raises(ValueError, match="fusion model config parameters.*not JSON.*wff repo build"):
             settings_from_parameters({**params, "strategies": "{Det: [1, 0, 0]"})
+
+
+class TestQueuePolicy:
+    def test_every_step_of_the_ensemble_bounds_its_queue(self, built):
+        """Each model the ensemble runs rejects (not delays) requests beyond serving.max_queue_size or serving.queue_timeout_us."""
+        _, _, configs = built
+        steps = {s.model_name for s in configs[ENSEMBLE_NAME].ensemble_scheduling.step}
+        assert steps == {s.name for s in C.steps}
+        for name in steps:
+            policy = configs[name].dynamic_batching.default_queue_policy
+            assert configs[name].HasField("dynamic_batching") and configs[name].dynamic_batching.HasField("default_queue_policy"), name
+            assert (policy.max_queue_size, policy.default_timeout_microseconds) == (TINY.serving.max_queue_size, TINY.serving.queue_timeout_us)
+            assert policy.timeout_action == mc.ModelQueuePolicy.REJECT and not policy.allow_timeout_override
+        assert TINY.serving.max_queue_size > 0 and TINY.serving.queue_timeout_us > 0  # bounded by default
+        assert not configs[ENSEMBLE_NAME].HasField("dynamic_batching")  # an ensemble has no queue of its own
+
+    def test_settings_reach_every_step(self, tiny_artifacts, tmp_path):
+        """serving.max_queue_size / queue_timeout_us given to the build land in every step's config.pbtxt."""
+        serving = dataclasses.replace(TINY.serving, max_queue_size=3, queue_timeout_us=250_000)
+        out = build_repository(tmp_path / "repo", "embedded", tiny_artifacts, serving=serving)
+        for step in C.steps:
+            policy = read_config(out / step.name / "config.pbtxt").dynamic_batching.default_queue_policy
+            assert (policy.max_queue_size, policy.default_timeout_microseconds) == (3, 250_000), step.name
+
+    @pytest.mark.parametrize("field", ["max_queue_size", "queue_timeout_us"])
+    def test_negative_is_refused(self, tiny_artifacts, tmp_path, field):
+        """A negative queue bound is refused by name; 0 (unbounded) is allowed."""
+        with pytest.raises(ValueError, match=f"serving.{field} is -1.*>= 0"):
+            build_repository(tmp_path / "bad", "embedded", tiny_artifacts, serving=dataclasses.replace(TINY.serving, **{field: -1}))
+        build_repository(tmp_path / "zero", "embedded", tiny_artifacts, serving=dataclasses.replace(TINY.serving, **{field: 0}))
 
 
 class TestTargets:

@@ -124,7 +124,13 @@ class ServingConfig:
     max_batch_classifier: int = 8  # >= series of one patient
     preferred_batch_detector: tuple[int, ...] = (32, 64)
     preferred_batch_classifier: tuple[int, ...] = (4, 8)
-    max_queue_delay_us: int = 2000
+    max_queue_delay_us: int = 2000  # longest wait of the detector/classifier dynamic batcher for a fuller batch
+    # Load shedding, in every step's queue (preprocess, detector, crop, classifier, fusion): a request that finds
+    # max_queue_size requests already waiting, or that waits longer than queue_timeout_us, is rejected at once with
+    # UNAVAILABLE ("Exceeds maximum queue size" / "Request timeout expired") instead of adding to every later patient's
+    # latency; the client retries a few times, then reports the server overloaded. 0 = unbounded (Triton's default).
+    max_queue_size: int = 64  # requests waiting per step, beyond those executing (>= wff bench's highest concurrency)
+    queue_timeout_us: int = 30_000_000  # longest wait in one step's queue, in microseconds (client default timeout: 120 s)
     instances_detector: int = 2  # 2 cores: two detector instances beat one (wff bench, BENCHMARKS.md)
     instances_classifier: int = 1
     instances_python: int = 1  # preprocess, crop, fusion

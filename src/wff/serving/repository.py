@@ -4,7 +4,11 @@
 
 Every ``config.pbtxt`` is generated from ``wff.contracts`` (tensor names, dtypes, dims, the
 ensemble wiring) and the profile's ``serving`` section, as ``model_config_pb2`` messages
-printed with ``text_format``, so it always parses. Layout::
+printed with ``text_format``, so it always parses. Every step has a dynamic batcher, the
+non-batching Python steps too (it then passes one request at a time), because its queue policy
+is what sheds load: ``serving.max_queue_size`` requests waiting per step and
+``serving.queue_timeout_us`` of waiting, beyond which Triton rejects a request with UNAVAILABLE.
+The ensemble has no queue of its own; its requests wait in its steps' queues. Layout::
 
     OUT/preprocess/config.pbtxt, 1/model.py, 1/profile.json
     OUT/detector/config.pbtxt,   1/model.onnx (+ target files, below)
@@ -88,19 +92,29 @@ def step_config(
     kind: str = "KIND_CPU",
     preferred_batch: tuple[int, ...] = (),
     max_queue_delay_us: int = 0,
+    max_queue_size: int = 0,
+    queue_timeout_us: int = 0,
     parameters: dict[str, str] | None = None,
     default_model_filename: str = "",
 ) -> mc.ModelConfig:
-    """One step's config: tensors from the contract; dynamic batching when the step batches."""
+    """One step's config: tensors from the contract; a dynamic batcher whose queue holds at most
+    ``max_queue_size`` requests for at most ``queue_timeout_us`` (0: unbounded), rejecting the rest;
+    preferred batch sizes and a batching delay when the step batches."""
     cfg = mc.ModelConfig(name=contract.name, platform=platform, backend=backend, max_batch_size=contract.max_batch_size)
     for spec in contract.inputs:
         _tensor(cfg.input.add(), spec)
     for spec in contract.outputs:
         _tensor(cfg.output.add(), spec)
     cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.Kind.Value(kind))
+    for name, value in (("serving.max_queue_size", max_queue_size), ("serving.queue_timeout_us", queue_timeout_us)):
+        if value < 0:
+            raise ValueError(f"{name} is {value}; it must be >= 0 (0 = unbounded)")
+    batcher = cfg.dynamic_batching
+    batcher.default_queue_policy.CopyFrom(mc.ModelQueuePolicy(
+        max_queue_size=max_queue_size, default_timeout_microseconds=queue_timeout_us, timeout_action=mc.ModelQueuePolicy.REJECT))
     if contract.max_batch_size > 0:
-        cfg.dynamic_batching.preferred_batch_size.extend(b for b in preferred_batch if b <= contract.max_batch_size)
-        cfg.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+        batcher.preferred_batch_size.extend(b for b in preferred_batch if b <= contract.max_batch_size)
+        batcher.max_queue_delay_microseconds = max_queue_delay_us
     for key, value in (parameters or {}).items():
         cfg.parameters[key].string_value = value
     if default_model_filename:
@@ -150,7 +164,8 @@ def repository_configs(profile: Profile, target: str, settings: FusionSettings, 
     t = TARGET_SPECS[target]
     c = contracts_for(profile)
     sv = profile.serving
-    python = {"backend": "python", "instances": sv.instances_python, "kind": "KIND_CPU"}
+    queue = {"max_queue_size": sv.max_queue_size, "queue_timeout_us": sv.queue_timeout_us}
+    python = {"backend": "python", "instances": sv.instances_python, "kind": "KIND_CPU", **queue}
     configs = {
         "preprocess": step_config(c.preprocess, **python),
         "crop": step_config(c.crop, **python),
@@ -181,6 +196,7 @@ def repository_configs(profile: Profile, target: str, settings: FusionSettings, 
             kind=instance_kind or t.kind,
             preferred_batch=preferred,
             max_queue_delay_us=sv.max_queue_delay_us,
+            **queue,
             parameters=params,
             default_model_filename="" if target == "embedded" else t.model_file,
         )
