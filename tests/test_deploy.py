@@ -1,12 +1,16 @@
 """docker/ and deploy/: static checks of the GPU deployment (no Docker engine, GPU or cluster here).
 
 * docker/Dockerfile, parsed by BuildKit's own parser (the ``dockerfile`` package): pinned NGC
-  base, every COPY source present, the entrypoint script;
+  base, every COPY source present, the entrypoint script, an unprivileged user, the DICOM codec
+  plugins of pyproject.toml (the image's own codec check is run here too);
 * docker/entrypoint.sh, run for real with a stand-in ``tritonserver`` on PATH;
-* docker/compose.yaml, Prometheus and Grafana files: wiring, ports, GPU reservation, and every
-  metric the dashboard queries is one Triton 2.51 exports (docker/triton-metrics-2.51.json);
+* docker/compose.yaml, Prometheus and Grafana files: wiring, ports (loopback unless told
+  otherwise, with compose's variable interpolation applied here), no default Grafana password,
+  the stop grace period against Triton's exit timeout, GPU reservation, and every metric the
+  dashboard queries is one Triton 2.51 exports (docker/triton-metrics-2.51.json);
 * deploy/k8s/ manifests against the Kubernetes 1.28 OpenAPI schemas (``kubernetes-validate``,
-  strict) plus probes, ports, labels and the HPA / prometheus-adapter metric;
+  strict) plus probes, ports, labels, security contexts, the NetworkPolicy, the plan cache
+  volume and the HPA / prometheus-adapter metrics;
 * deploy/helm/spine-wff: every ``.Values`` path a template reads exists, and the defaults
   agree with deploy/k8s/. Rendering the chart needs helm, which is not installed here.
 """
@@ -17,15 +21,18 @@ import functools
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -36,6 +43,9 @@ TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 NGC_IMAGE = re.compile(r"^nvcr\.io/nvidia/tritonserver:(\d\d)\.(\d\d)-py3$")
 K8S_VERSION = "1.28.0"
 HPA_METRIC = "wff_avg_queue_time_per_request_us"
+HPA_PREPROCESS_METRIC = "wff_preprocess_queue_time_per_request_us"
+CODEC_PREFIX = "pylibjpeg"  # pydicom's decoder plugins for compressed transfer syntaxes
+WRITABLE = {"/models/state", "/models/plans", "/tmp", "/dev/shm"}  # all the server writes, on a read-only root
 TRITON_METRICS = set(json.loads((DOCKER / "triton-metrics-2.51.json").read_text())["metrics"])
 METRIC_NAME = re.compile(r"\bnv_[a-z_]+\b")
 
@@ -59,16 +69,37 @@ def dockerfile_commands():
     return [SimpleNamespace(cmd=cmd, value=value) for cmd, value in _parsed_dockerfile()]
 
 
+def dockerfile_args() -> dict[str, str]:
+    """ARG defaults of docker/Dockerfile."""
+    return dict(c.value[0].split("=", 1) for c in dockerfile_commands() if c.cmd == "ARG" and "=" in c.value[0])
+
+
+def resolve_args(text: str) -> str:
+    args = dockerfile_args()
+    return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], text)
+
+
+def requirement_pins() -> dict[str, str]:
+    """docker/requirements.txt as {distribution name: pinned version}."""
+    lines = [line.split("#")[0].strip() for line in (DOCKER / "requirements.txt").read_text().splitlines()]
+    return {Requirement(r).name: str(Requirement(r).specifier).removeprefix("==") for r in lines if r}
+
+
+def entrypoint_exit_timeout_s() -> int:
+    """The default of WFF_EXIT_TIMEOUT_S in docker/entrypoint.sh: how long tritonserver waits on SIGTERM."""
+    match = re.search(r"\$\{WFF_EXIT_TIMEOUT_S:-(\d+)\}", (DOCKER / "entrypoint.sh").read_text())
+    assert match, "docker/entrypoint.sh sets no WFF_EXIT_TIMEOUT_S default"
+    return int(match.group(1))
+
+
 # --------------------------------------------------------------------------- Dockerfile
 
 
 class TestDockerfile:
     def test_base_image_is_a_pinned_ngc_tritonserver(self):
         """FROM resolves (through its ARG default) to nvcr.io/nvidia/tritonserver:24.10-py3, never latest."""
-        commands = dockerfile_commands()
-        args = dict(c.value[0].split("=", 1) for c in commands if c.cmd == "ARG" and "=" in c.value[0])
-        (base,) = [c.value[0] for c in commands if c.cmd == "FROM"]
-        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
+        (base,) = [c.value[0] for c in dockerfile_commands() if c.cmd == "FROM"]
+        image = resolve_args(base)
         assert NGC_IMAGE.match(image), image
         assert image == "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, TensorRT 10.5
         assert "latest" not in (DOCKER / "Dockerfile").read_text()
@@ -109,6 +140,39 @@ class TestDockerfile:
         assert "torch" not in pins
         text = (DOCKER / "Dockerfile").read_text()
         assert "docker/requirements.txt" in text and "TENSORRT_BINDINGS_VERSION=10.5.0" in text and "wff trt versions" in text
+
+    def test_codec_plugins_match_pyproject(self):
+        """The image pins every pydicom codec plugin the embedded install depends on, at versions pyproject.toml allows."""
+        project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+        dicom = {r.name: r.specifier for r in map(Requirement, project["dependencies"])
+                 if r.name.startswith(CODEC_PREFIX) or r.name == "pydicom"}
+        assert len(dicom) >= 5, dicom  # pydicom, pylibjpeg and its libjpeg, openjpeg and rle plugins
+        pins = requirement_pins()
+        assert {n for n in pins if n.startswith(CODEC_PREFIX)} == {n for n in dicom if n.startswith(CODEC_PREFIX)}, sorted(pins)
+        for name, spec in dicom.items():
+            assert spec.contains(pins[name]), f"docker/requirements.txt {name}=={pins[name]} is outside pyproject's {name}{spec}"
+
+    def test_image_checks_its_codecs(self):
+        """The image build's codec check passes where the plugins are installed and fails, naming them, where they are not."""
+        (check,) = [c.value[0] for c in dockerfile_commands() if c.cmd == "RUN" and "get_decoder" in c.value[0]]
+        program, flag, code = shlex.split(check)
+        assert (program, flag) == ("python3", "-c")
+        ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert ok.returncode == 0, ok.stderr
+        hidden = subprocess.run([sys.executable, "-c", f"import sys; sys.modules['pylibjpeg'] = None\n{code}"],
+                                capture_output=True, text=True, timeout=120)
+        assert hidden.returncode == 1 and "no pylibjpeg decoder for" in hidden.stderr and "JPEG 2000" in hidden.stderr
+
+    def test_runs_as_a_fixed_unprivileged_user(self):
+        """USER is a fixed non-zero uid:gid created in the image, set after the last RUN; /models/state belongs to it."""
+        commands = dockerfile_commands()
+        (user,) = [c.value[0] for c in commands if c.cmd == "USER"]
+        uid, gid = resolve_args(user).split(":")
+        assert int(uid) >= 1000 and int(gid) >= 1000, user
+        position = next(i for i, c in enumerate(commands) if c.cmd == "USER")
+        assert not any(c.cmd in ("RUN", "COPY") for c in commands[position:])
+        setup = resolve_args(next(c.value[0] for c in commands if c.cmd == "RUN" and "useradd" in c.value[0]))
+        assert f"--uid \"{uid}\"" in setup and f"--gid \"{gid}\"" in setup and "chown wff:wff /models/state" in setup
 
 
 # --------------------------------------------------------------------------- entrypoint
@@ -226,6 +290,37 @@ def published(service) -> set[int]:
     return {int(str(p).split(":")[-1].split("/")[0]) for p in service["ports"]}
 
 
+COMPOSE_VARIABLE = re.compile(r"\$\{(\w+)(?::([-?])([^}]*))?\}")
+COMPOSE_REQUIRED = {"WFF_ARTIFACTS": "/srv/runs/paper", "GRAFANA_ADMIN_PASSWORD": "chosen-by-the-site"}
+
+
+def compose_config(**env: str) -> dict:
+    """docker/compose.yaml as compose reads it with ``env``: ``${VAR:-default}`` and ``${VAR:?error}`` applied
+    (empty counts as unset, as in compose); a missing required variable raises ValueError with compose's message."""
+    def substitute(match: re.Match) -> str:
+        name, operator, argument = match.groups()
+        if env.get(name):
+            return env[name]
+        if operator == "?":
+            raise ValueError(f"required variable {name} is missing a value: {argument}")
+        return argument if operator == "-" else ""
+
+    return yaml.safe_load(COMPOSE_VARIABLE.sub(substitute, (DOCKER / "compose.yaml").read_text()))
+
+
+def host_addresses(config: dict) -> dict[tuple[str, int], str]:
+    """(service, container port) -> the host address it is published on."""
+    return {(name, int(str(p).rsplit(":", 1)[1])): str(p).rsplit(":", 2)[0]
+            for name, service in config["services"].items() for p in service.get("ports", [])}
+
+
+def seconds(duration: str) -> float:
+    """A compose duration such as 45s, 1m30s or 2m."""
+    parts = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert parts and duration, duration
+    return int(parts.group(1) or 0) * 60 + int(parts.group(2) or 0)
+
+
 class TestCompose:
     def test_triton_services(self, compose):
         """gpu and cpu profiles: both publish 8000-8002 and answer as `triton` on the network."""
@@ -266,6 +361,38 @@ class TestCompose:
         for name in ("prometheus", "grafana"):
             image = compose["services"][name]["image"]
             assert re.search(r":v?\d+\.\d+\.\d+$", image), image
+
+    def test_ports_published_on_loopback_unless_told(self):
+        """By default every port listens on 127.0.0.1 only; WFF_GRPC_BIND_ADDRESS opens gRPC alone, WFF_BIND_ADDRESS the rest."""
+        default = host_addresses(compose_config(**COMPOSE_REQUIRED))
+        assert len(default) == 2 * 3 + 2 and set(default.values()) == {"127.0.0.1"}, default
+        grpc_open = host_addresses(compose_config(**COMPOSE_REQUIRED, WFF_GRPC_BIND_ADDRESS="0.0.0.0"))
+        assert {k for k, v in grpc_open.items() if v == "0.0.0.0"} == {("triton", 8001), ("triton-cpu", 8001)}
+        rest_open = host_addresses(compose_config(**COMPOSE_REQUIRED, WFF_BIND_ADDRESS="10.0.0.5"))
+        assert {k for k, v in rest_open.items() if v == "127.0.0.1"} == {("triton", 8001), ("triton-cpu", 8001)}
+
+    def test_grafana_has_no_default_password(self, compose):
+        """Without GRAFANA_ADMIN_PASSWORD compose refuses to start, saying which variable to set; sign-up and anonymous access are off."""
+        with pytest.raises(ValueError, match="GRAFANA_ADMIN_PASSWORD is missing a value: set GRAFANA_ADMIN_PASSWORD"):
+            compose_config(WFF_ARTIFACTS="/srv/runs/paper")
+        grafana = compose_config(**COMPOSE_REQUIRED)["services"]["grafana"]["environment"]
+        assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == COMPOSE_REQUIRED["GRAFANA_ADMIN_PASSWORD"]
+        assert grafana["GF_USERS_ALLOW_SIGN_UP"] == "false" and grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+
+    def test_stop_grace_period_exceeds_triton_exit_timeout(self, compose):
+        """Docker waits longer than tritonserver's wait for requests in flight (the entrypoint's WFF_EXIT_TIMEOUT_S default)."""
+        for name in ("triton", "triton-cpu"):
+            grace = seconds(compose["services"][name]["stop_grace_period"])
+            assert grace >= entrypoint_exit_timeout_s() + 10, (name, grace)
+
+    def test_triton_container_is_locked_down(self, compose):
+        """Read-only root filesystem with a tmpfs /tmp, no capabilities, no privilege gain; the image's user is not overridden."""
+        for name in ("triton", "triton-cpu"):
+            service = compose["services"][name]
+            assert service["read_only"] is True and service["cap_drop"] == ["ALL"]
+            assert "no-new-privileges:true" in service["security_opt"] and "user" not in service
+            assert [t.split(":")[0] for t in service["tmpfs"]] == ["/tmp"]
+            assert {v.split(":")[1] for v in service["volumes"]} | {"/tmp", "/dev/shm"} >= WRITABLE - {"/models/plans"}
 
     def test_prometheus_scrapes_triton(self):
         """Prometheus scrapes triton:8002/metrics."""
@@ -357,8 +484,9 @@ class TestKubernetesManifests:
         import kubernetes_validate as kv  # bundled Kubernetes OpenAPI schemas (dev dependency)
 
         core = {k: d for k, d in manifests.items() if not d["apiVersion"].startswith("monitoring.coreos.com")}
-        assert {"Deployment/spine-wff", "Service/spine-wff", "HorizontalPodAutoscaler/spine-wff",
-                "PersistentVolumeClaim/spine-wff-artifacts", "ConfigMap/adapter-config"} <= set(core)
+        assert {"Deployment/spine-wff", "Service/spine-wff", "HorizontalPodAutoscaler/spine-wff", "NetworkPolicy/spine-wff",
+                "PersistentVolumeClaim/spine-wff-artifacts", "PersistentVolumeClaim/spine-wff-plans",
+                "ConfigMap/adapter-config"} <= set(core)
         for doc in core.values():
             kv.validate(doc, K8S_VERSION, strict=True)
 
@@ -376,7 +504,7 @@ class TestKubernetesManifests:
         assert containers["prepare"]["args"] == ["prepare"] and triton["args"] == ["serve"]
         volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
         assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
-        assert {m["mountPath"] for m in triton["volumeMounts"]} == {"/models/artifacts", "/models/state", "/dev/shm"}
+        assert {m["mountPath"] for m in triton["volumeMounts"]} == {"/models/artifacts"} | WRITABLE
 
     def test_labels_and_selectors(self, manifests):
         """Service and ServiceMonitor select the pod template's labels; scrape annotations name port 8002."""
@@ -393,22 +521,77 @@ class TestKubernetesManifests:
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "8002", "prometheus.io/path": "/metrics"}
 
-    def test_hpa_metric_served_by_adapter_rule(self, manifests):
-        """The HPA's pods metric is the adapter rule's output: rate(queue us) / rate(successes) of Triton counters."""
+    def test_hpa_metrics_served_by_adapter_rules(self, manifests):
+        """The HPA's pods metrics are the adapter rules' outputs: rate(queue us) / rate(successes) of Triton counters,
+        for the GPU models and for the preprocess step."""
         hpa = manifests["HorizontalPodAutoscaler/spine-wff"]
         assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "spine-wff"}
-        (metric,) = hpa["spec"]["metrics"]
-        assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == HPA_METRIC
+        metrics = {m["pods"]["metric"]["name"]: m for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
+        assert list(metrics) == [HPA_METRIC, HPA_PREPROCESS_METRIC] and len(hpa["spec"]["metrics"]) == 2
         config = yaml.safe_load(manifests["ConfigMap/adapter-config"]["data"]["config.yaml"])
-        (rule,) = config["rules"]
-        assert rule["name"]["as"] == HPA_METRIC
-        query = rule["metricsQuery"]
-        assert re.search(r"rate\(nv_inference_queue_duration_us\{.*\}\[1m\]\).*/.*rate\(nv_inference_request_success\{", query)
-        assert set(METRIC_NAME.findall(query + rule["seriesQuery"])) <= TRITON_METRICS
-        assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+        rules = {r["name"]["as"]: r for r in config["rules"]}
+        assert list(rules) == list(metrics)
+        models = {HPA_METRIC: 'model=~"detector|classifier"', HPA_PREPROCESS_METRIC: 'model="preprocess"'}
+        for name, rule in rules.items():
+            query = rule["metricsQuery"]
+            assert re.search(r"rate\(nv_inference_queue_duration_us\{.*\}\[1m\]\).*/.*rate\(nv_inference_request_success\{", query)
+            assert query.count(models[name]) == 2 and models[name] in rule["seriesQuery"], name
+            assert set(METRIC_NAME.findall(query + rule["seriesQuery"])) <= TRITON_METRICS
+            assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+
+    def test_pods_run_unprivileged_on_a_read_only_root(self, manifests):
+        """Pod: non-root as the image's uid/gid, RuntimeDefault seccomp, no API token; every container: no privilege
+        escalation, no capabilities, read-only root with a volume at each place the server writes."""
+        spec = manifests["Deployment/spine-wff"]["spec"]["template"]["spec"]
+        pod = spec["securityContext"]
+        uid, gid = dockerfile_args()["WFF_UID"], dockerfile_args()["WFF_GID"]
+        assert pod["runAsNonRoot"] is True and (pod["runAsUser"], pod["runAsGroup"], pod["fsGroup"]) == (int(uid), int(gid), int(gid))
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"} and spec["automountServiceAccountToken"] is False
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for name, container in pod_containers(manifests["Deployment/spine-wff"]).items():
+            context = container["securityContext"]
+            assert context == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}, name
+            writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+            assert writable == WRITABLE - ({"/dev/shm"} if name == "prepare" else set()), name
+            for mount in container["volumeMounts"]:
+                assert mount["name"] in volumes, mount
+
+    def test_plans_on_a_persistent_volume(self, manifests):
+        """The plan cache and the timing cache live on the spine-wff-plans claim, mounted where the env points."""
+        spec = manifests["Deployment/spine-wff"]["spec"]["template"]["spec"]
+        claim = manifests["PersistentVolumeClaim/spine-wff-plans"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["plans"]["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"]}
+        assert "ReadWriteMany" in claim["spec"]["accessModes"]
+        for container in pod_containers(manifests["Deployment/spine-wff"]).values():
+            env = {e["name"]: e["value"] for e in container["env"]}
+            (mount,) = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == "plans"]
+            assert env["WFF_TRT_PLAN_CACHE"] == mount and Path(env["WFF_TRT_TIMING_CACHE"]).parent == Path(mount)
+        assert "WFF_TRT_TIMING_CACHE" in (DOCKER / "entrypoint.sh").read_text()  # the entrypoint passes it to wff trt build
+
+    def test_termination_grace_exceeds_exit_timeout(self, manifests):
+        """Kubernetes waits longer than tritonserver's wait for requests in flight."""
+        spec = manifests["Deployment/spine-wff"]["spec"]["template"]["spec"]
+        env = {e["name"]: e["value"] for e in pod_containers(manifests["Deployment/spine-wff"])["triton"]["env"]}
+        exit_timeout = int(env.get("WFF_EXIT_TIMEOUT_S", entrypoint_exit_timeout_s()))
+        assert spec["terminationGracePeriodSeconds"] >= exit_timeout + 10
+
+    def test_network_policy(self, manifests):
+        """Ingress: gRPC from labelled client pods/namespaces, metrics from Prometheus, nothing else; no egress."""
+        policy = manifests["NetworkPolicy/spine-wff"]["spec"]
+        pod_labels = manifests["Deployment/spine-wff"]["spec"]["template"]["metadata"]["labels"]
+        assert policy["podSelector"]["matchLabels"] == pod_labels
+        assert policy["policyTypes"] == ["Ingress", "Egress"] and policy["egress"] == []
+        opened = {p["port"]: rule["from"] for rule in policy["ingress"] for p in rule["ports"]}
+        assert set(opened) == {TRITON_PORTS["grpc"], TRITON_PORTS["metrics"]}
+        clients = opened[TRITON_PORTS["grpc"]]
+        assert [set(peer) for peer in clients] == [{"podSelector"}, {"namespaceSelector"}]
+        assert all(peer[next(iter(peer))]["matchLabels"] for peer in clients)
+        (prometheus,) = opened[TRITON_PORTS["metrics"]]
+        assert prometheus["namespaceSelector"]["matchLabels"] and prometheus["podSelector"]["matchLabels"]
 
     def test_adapter_rule_same_in_helm_values(self, manifests):
-        """deploy/helm/prometheus-adapter-values.yaml carries the same rule as the ConfigMap."""
+        """deploy/helm/prometheus-adapter-values.yaml carries the same rules as the ConfigMap."""
         config = yaml.safe_load(manifests["ConfigMap/adapter-config"]["data"]["config.yaml"])
         assert load_yaml(ADAPTER_VALUES)["rules"]["custom"] == config["rules"]
 
@@ -472,11 +655,39 @@ class TestHelmChart:
         hpa = manifests["HorizontalPodAutoscaler/spine-wff"]["spec"]
         auto = values["autoscaling"]
         assert (hpa["minReplicas"], hpa["maxReplicas"]) == (auto["minReplicas"], auto["maxReplicas"])
-        assert hpa["metrics"][0]["pods"]["target"]["averageValue"] == auto["targetAverageValue"]
-        assert hpa["metrics"][0]["pods"]["metric"]["name"] == auto["metricName"] == HPA_METRIC
+        for metric, settings in zip(hpa["metrics"], (auto, auto["preprocess"]), strict=True):
+            assert metric["pods"]["target"]["averageValue"] == settings["targetAverageValue"]
+            assert metric["pods"]["metric"]["name"] == settings["metricName"]
+        assert [auto["metricName"], auto["preprocess"]["metricName"]] == [HPA_METRIC, HPA_PREPROCESS_METRIC]
         helper_env = re.findall(r"- name: (WFF_\w+)", chart_templates()["_helpers.tpl"])
         assert helper_env == [e["name"] for e in triton["env"]]
         for probe in ("startup", "liveness", "readiness"):
             assert triton[f"{probe}Probe"]["periodSeconds"] == values["probes"][probe]["periodSeconds"]
         deployment_tpl = chart_templates()["deployment.yaml"]
         assert "path: /v2/health/live" in deployment_tpl and "path: /v2/health/ready" in deployment_tpl
+
+    def test_security_defaults_match_plain_manifests(self, manifests):
+        """Security contexts, grace period, exit timeout, plan cache claim and NetworkPolicy peers: values.yaml = deploy/k8s."""
+        values = load_yaml(CHART / "values.yaml")
+        deployment = manifests["Deployment/spine-wff"]
+        spec = deployment["spec"]["template"]["spec"]
+        assert spec["securityContext"] == values["podSecurityContext"]
+        assert all(c["securityContext"] == values["securityContext"] for c in pod_containers(deployment).values())
+        assert spec["terminationGracePeriodSeconds"] == values["terminationGracePeriodSeconds"]
+        env = {e["name"]: e["value"] for e in pod_containers(deployment)["triton"]["env"]}
+        assert env["WFF_EXIT_TIMEOUT_S"] == str(values["exitTimeoutSeconds"])
+        claim = manifests["PersistentVolumeClaim/spine-wff-plans"]["spec"]
+        assert (claim["accessModes"], claim["resources"]["requests"]["storage"]) == (values["plans"]["accessModes"], values["plans"]["size"])
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["tmp"]["emptyDir"]["sizeLimit"] == values["tmpSizeLimit"]
+        peers = manifests["NetworkPolicy/spine-wff"]["spec"]["ingress"]
+        allowed = values["networkPolicy"]
+        assert [p["podSelector"]["matchLabels"] for p in peers[0]["from"] if "podSelector" in p] == [allowed["clients"]["podLabels"]]
+        assert [p["namespaceSelector"]["matchLabels"] for p in peers[0]["from"]
+                if "namespaceSelector" in p] == [allowed["clients"]["namespaceLabels"]]
+        (prometheus,) = peers[1]["from"]
+        assert prometheus == {"namespaceSelector": {"matchLabels": allowed["prometheus"]["namespaceLabels"]},
+                              "podSelector": {"matchLabels": allowed["prometheus"]["podLabels"]}}
+        templates = chart_templates()
+        mounts = re.findall(r"mountPath: (\S+)", templates["_helpers.tpl"] + templates["deployment.yaml"])
+        assert set(mounts) == {m["mountPath"] for m in pod_containers(deployment)["triton"]["volumeMounts"]}

@@ -18,9 +18,14 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
+from conftest import TINY
 from wff.cli import main as wff_main
 from wff.config import PAPER
-from wff.ensemble.fusion import FusionSettings
+from wff.contracts import contracts_for
+from wff.ensemble.age_prior import AgePrior
+from wff.ensemble.fusion import FusionSettings, load_fusion_settings
+from wff.ensemble.pipeline import Pipeline
+from wff.ensemble.runtime import make_runner
 from wff.serving import trt
 from wff.serving.repository import build_repository, config_text, read_config, repository_configs
 from wff.serving.trt_cli import parse_atol
@@ -300,23 +305,30 @@ class TestCompareOutputs:
 
 
 class FakeEngine:
-    """Stands in for a TensorRT plan: ONNX Runtime's outputs, perturbed; records batch sizes."""
+    """Stands in for a TensorRT plan: ONNX Runtime's outputs, perturbed; records its feeds and batch sizes."""
 
     def __init__(self, reference, shift=0.0):
-        self.reference, self.shift, self.batches = reference, shift, []
+        self.reference, self.shift, self.batches, self.feeds = reference, shift, [], []
 
     def run(self, feeds):
+        self.feeds.append(dict(feeds))
         self.batches.append(len(next(iter(feeds.values()))))
         out = self.reference.run(feeds)
         return {k: v + np.asarray(self.shift, v.dtype) if v.dtype == np.float32 else v for k, v in out.items()}
 
 
+@pytest.fixture(scope="module")
+def synthetic_samples(trt_repo):
+    """Verification inputs of the tiny repository from its default source, a synthetic patient."""
+    return trt.patient_samples(trt_repo, batch=5)
+
+
 class TestVerifyPlan:
-    def test_batches_and_verdicts(self, trt_repo):
+    def test_batches_and_verdicts(self, trt_repo, synthetic_samples):
         """10 samples, max batch 8: batches of 8, 2, then sample 0 alone; 0.005 passes FP16, fails FP32."""
         spec = trt.plan_spec(trt_repo, "classifier")
         reference = trt.OnnxRuntimeRunner(spec.onnx)
-        samples = trt.load_samples(spec, batch=10)
+        samples = {"classifier_clip": np.concatenate([synthetic_samples["classifier_clip"]] * 2)}
         engine = FakeEngine(reference, shift=0.005)
         v16 = trt.verify_plan(spec, engine, reference, samples, "fp16")
         assert engine.batches == [8, 2, 1]
@@ -326,11 +338,11 @@ class TestVerifyPlan:
         report = v32.to_dict()
         assert report["passed"] is False and json.dumps(report)  # JSON-serialisable for model.plan.json
 
-    def test_detector_discrete_outputs_exact(self, trt_repo):
+    def test_detector_discrete_outputs_exact(self, trt_repo, synthetic_samples):
         """An exact fake engine passes both precisions on the stand-in detector."""
         spec = trt.plan_spec(trt_repo, "detector")
         reference = trt.OnnxRuntimeRunner(spec.onnx)
-        samples = trt.load_samples(spec, batch=3)
+        samples = trt.load_samples(spec, synthetic_samples, batch=3)
         assert trt.verify_plan(spec, FakeEngine(reference), reference, samples, "fp32").passed
 
     def test_unknown_precision(self, trt_repo):
@@ -340,26 +352,88 @@ class TestVerifyPlan:
             trt.verify_plan(spec, None, None, {}, "int8")
 
 
+def neighbour_correlation(images: np.ndarray) -> float:
+    """Correlation of horizontally adjacent pixels over a stack (..., H, W): ~0 for noise, high for anatomy."""
+    flat = images.reshape(-1, *images.shape[-2:])
+    return float(np.corrcoef(flat[:, :, :-1].ravel(), flat[:, :, 1:].ravel())[0, 1])
+
+
+def served_inputs(artifacts, patient):
+    """What the in-process ensemble hands the detector and the classifier for ``patient``'s files."""
+    c = contracts_for(TINY)
+    seen = {"detector": [], "classifier": []}
+
+    def recorded(step):
+        runner = make_runner("onnxruntime", artifacts / f"{step}.onnx", c.step(step), 1)
+        return lambda batch: seen[step].append(batch) or runner(batch)
+
+    pipeline = Pipeline(TINY, recorded("detector"), recorded("classifier"), load_fusion_settings(artifacts / "fusion.json"),
+                        AgePrior.load(artifacts / "age_prior.json"))
+    pipeline.diagnose_files([(f.relative_to(patient).as_posix(), f.read_bytes()) for f in sorted(patient.rglob("*.dcm"))])
+    return {step: np.concatenate(batches) for step, batches in seen.items()}
+
+
 class TestSamples:
-    def test_random_samples(self, trt_repo):
-        """Random inputs are FP32 in [0, 1) with the profile's dims, reproducible."""
-        spec = trt.plan_spec(trt_repo, "detector")
-        a = trt.load_samples(spec, batch=2)["detector_image"]
-        assert a.shape == (2, 1, 64, 64) and a.dtype == np.float32 and 0 <= a.min() and a.max() < 1
-        assert np.array_equal(a, trt.load_samples(spec, batch=2)["detector_image"])
+    def test_synthetic_patient_shapes_and_range(self, trt_repo, synthetic_samples):
+        """Default: B letterboxed slices (B, 1, S, S) and B clips (B, 1, N, C, C), FP32 in [0, 1], reproducible."""
+        slices, clips = synthetic_samples["detector_image"], synthetic_samples["classifier_clip"]
+        assert slices.shape == (5, 1, 64, 64) and clips.shape == (5, 1, 4, 16, 16)
+        for array in (slices, clips):
+            assert array.dtype == np.float32 and 0 <= array.min() and array.max() <= 1
+        again = trt.patient_samples(trt_repo, batch=5)
+        assert all(np.array_equal(again[k], synthetic_samples[k]) for k in synthetic_samples)
+
+    def test_real_images_not_noise(self, synthetic_samples):
+        """Adjacent pixels of the slices and clips correlate as in anatomy (uniform noise: ~0); no two samples are equal."""
+        assert abs(neighbour_correlation(np.random.default_rng(0).random((5, 64, 64)))) < 0.05
+        for name, array in synthetic_samples.items():
+            assert neighbour_correlation(array) > 0.6, name
+            assert len({a.tobytes() for a in array}) == len(array), name
+        assert synthetic_samples["detector_image"].std() > 0.1  # windowed intensities, not a flat image
+
+    def test_patient_folder_gives_the_served_inputs(self, trt_repo, tiny_artifacts, dicom_patient):
+        """From a patient folder: the slices are the detector's served inputs, the first clips the served clips."""
+        served = served_inputs(tiny_artifacts, dicom_patient)
+        n_series = len(served["classifier"])
+        samples = trt.patient_samples(trt_repo, dicom_patient, batch=n_series + 2)
+        np.testing.assert_array_equal(samples["classifier_clip"][:n_series], served["classifier"])
+        extra = samples["classifier_clip"][n_series:]
+        assert not any(np.array_equal(e, s) for e in extra for s in served["classifier"])
+        slices = {s.tobytes() for s in served["detector"]}
+        assert all(s.tobytes() in slices for s in samples["detector_image"])
+        assert samples["detector_image"][0].tobytes() == served["detector"][0].tobytes()
+        assert samples["detector_image"][-1].tobytes() == served["detector"][-1].tobytes()
+
+    def test_synthetic_patient_under_small_request_limits(self, limited_artifacts, tmp_path):
+        """A profile whose request limits are below the synthetic patient's size still gets its default samples."""
+        repo = build_repository(tmp_path / "repo", "tensorrt", limited_artifacts)
+        samples = trt.patient_samples(repo, batch=2)
+        assert samples["detector_image"].shape == (2, 1, 64, 64) and samples["classifier_clip"].shape == (2, 1, 4, 16, 16)
+
+    def test_bad_patient_folder_and_repository(self, trt_repo, tmp_path):
+        """An empty folder and a repository without profile.json are refused with what to do."""
+        with pytest.raises(trt.PlanError, match="verification samples: .*no files"):
+            trt.patient_samples(trt_repo, tmp_path)
+        bare = tmp_path / "bare"
+        shutil.copytree(trt_repo, bare, ignore=shutil.ignore_patterns("profile.json"))
+        with pytest.raises(trt.PlanError, match="no profile.json.*--samples"):
+            trt.patient_samples(bare)
 
     def test_npz_samples(self, trt_repo, tmp_path):
         """An npz gives the inputs; a missing name or wrong dims is refused."""
         spec = trt.plan_spec(trt_repo, "classifier")
         good = tmp_path / "good.npz"
         np.savez(good, classifier_clip=np.ones((5, 1, 4, 16, 16), np.float64))
-        assert trt.load_samples(spec, good, batch=3)["classifier_clip"].shape == (3, 1, 4, 16, 16)
+        arrays, origin = trt.verification_inputs(trt_repo, good)
+        assert origin == str(good)
+        assert trt.load_samples(spec, arrays, batch=3, origin=origin)["classifier_clip"].shape == (3, 1, 4, 16, 16)
         np.savez(tmp_path / "bad.npz", clip=np.ones((1, 1, 4, 16, 16)))
-        with pytest.raises(trt.PlanError, match="no array 'classifier_clip'"):
-            trt.load_samples(spec, tmp_path / "bad.npz")
+        arrays, origin = trt.verification_inputs(trt_repo, tmp_path / "bad.npz")
+        with pytest.raises(trt.PlanError, match="bad.npz: no array 'classifier_clip'"):
+            trt.load_samples(spec, arrays, origin=origin)
         np.savez(tmp_path / "dims.npz", classifier_clip=np.ones((1, 1, 4, 8, 8)))
         with pytest.raises(trt.PlanError, match=r"expected \(B, 1, 4, 16, 16\)"):
-            trt.load_samples(spec, tmp_path / "dims.npz")
+            trt.load_samples(spec, trt.verification_inputs(trt_repo, tmp_path / "dims.npz")[0])
 
 
 # --------------------------------------------------------------------------- op support
@@ -530,6 +604,7 @@ class FakeTensorRT:
     def __init__(self):
         self.calls: list[tuple] = []
         self.builds = 0
+        self.engines: list[FakeEngine] = []  # the plan runners handed to the verification
 
     def init_libnvinfer_plugins(self, logger, namespace):
         self.calls.append(("plugins", namespace))
@@ -635,7 +710,8 @@ def fake_trt(monkeypatch, trt_repo, tmp_path):
     def runner(trt_module, plan, logger, cuda):
         name = plan.decode().split()[1]
         step = "detector" if name == "detector_image" else "classifier"
-        return FakeEngine(trt.OnnxRuntimeRunner(repo / step / "1" / "model.onnx"), shift["value"])
+        fake.engines.append(FakeEngine(trt.OnnxRuntimeRunner(repo / step / "1" / "model.onnx"), shift["value"]))
+        return fake.engines[-1]
 
     monkeypatch.setattr(trt, "TensorRTRunner", runner)
     return repo, fake, shift
@@ -657,6 +733,63 @@ class TestBuildPlans:
         assert report["verification"]["passed"] and set(report["verification"]["max_abs_diff"]) == {
             "detector_boxes", "detector_scores", "detector_malignancy"}
         assert report["onnx_sha256"] == trt.sha256(repo / "detector" / "1" / "model.onnx")
+
+    def test_verifies_on_a_synthetic_patient_by_default(self, fake_trt, synthetic_samples):
+        """Without --samples the plans see the synthetic patient's slices and clips, and the reports say so."""
+        repo, fake, _ = fake_trt
+        reports = trt.build_plans(repo, verify_batch=5)
+        fed = {name: array for engine in fake.engines for name, array in engine.feeds[0].items()}
+        assert fed.keys() == synthetic_samples.keys()
+        for name, array in synthetic_samples.items():
+            np.testing.assert_array_equal(fed[name], array)
+        assert {r["verification"]["samples"] for r in reports} == {"synthetic patient (wff.training.synth, seed 0)"}
+
+    def test_verifies_on_a_patient_folder(self, fake_trt, dicom_patient):
+        """--samples PATIENT_DIR: that patient's prepared slices are verified on."""
+        repo, fake, _ = fake_trt
+        reports = trt.build_plans(repo, models=["detector"], samples=dicom_patient, verify_batch=3)
+        expected = trt.patient_samples(repo, dicom_patient, batch=3)["detector_image"]
+        np.testing.assert_array_equal(fake.engines[0].feeds[0]["detector_image"], expected)
+        assert reports[0]["verification"]["samples"] == f"patient folder {dicom_patient}"
+
+    def test_plan_cache_spares_a_new_server_the_build(self, fake_trt, tmp_path, monkeypatch):
+        """A verified plan is kept in the plan cache; a new repository (a new pod) copies it on the same GPU model
+        and builds its own on another one; the timing cache is written through a unique temporary file."""
+        repo, fake, _ = fake_trt
+        fresh = [tmp_path / f"pod{i}" for i in range(2)]
+        for pod in fresh:
+            shutil.copytree(repo, pod)
+        cache = tmp_path / "plans"
+        trt.build_plans(repo, models=["classifier"], verify_batch=2, plan_cache=cache)
+        (entry,) = (cache / "classifier").iterdir()
+        assert entry.name.endswith("-trt10.5.0-fp16-fake-gpu-cc9.0") and sorted(p.name for p in entry.iterdir()) == [
+            "model.plan", "model.plan.json"]
+        reports = trt.build_plans(fresh[0], models=["classifier"], verify_batch=2, plan_cache=cache)
+        assert fake.builds == 1 and reports[0]["verification"]["passed"]
+        assert (fresh[0] / "classifier" / "1" / "model.plan").read_bytes() == (repo / "classifier" / "1" / "model.plan").read_bytes()
+        trt.build_plans(fresh[0], models=["classifier"], verify_batch=2)  # now up to date on its own
+        assert fake.builds == 1
+        monkeypatch.setattr(FakeCuda, "name", "Other GPU")
+        trt.build_plans(fresh[1], models=["classifier"], verify_batch=2, plan_cache=cache)
+        assert fake.builds == 2 and len(list((cache / "classifier").iterdir())) == 2
+        assert sorted(p.name for p in repo.iterdir() if "timing" in p.name) == [trt.TIMING_CACHE_NAME]
+
+    def test_failed_plan_is_not_cached(self, fake_trt, tmp_path):
+        """A plan that fails its verification never reaches the plan cache."""
+        repo, _, shift = fake_trt
+        shift["value"] = 0.1
+        with pytest.raises(trt.PlanError):
+            trt.build_plans(repo, models=["classifier"], verify_batch=2, plan_cache=tmp_path / "plans")
+        assert not (tmp_path / "plans" / "classifier").exists() or not any((tmp_path / "plans" / "classifier").iterdir())
+
+    def test_plan_cache_from_the_environment(self, fake_trt, tmp_path):
+        """`wff trt build` reads the plan cache folder from WFF_TRT_PLAN_CACHE (how the container is configured)."""
+        repo, _, _ = fake_trt
+        cache = tmp_path / "plans"
+        result = CliRunner().invoke(trt_group, ["build", str(repo), "--model", "detector", "--verify-batch", "2"],
+                                    env={trt.PLAN_CACHE_ENV: str(cache)})
+        assert result.exit_code == 0, result.output
+        assert len(list((cache / "detector").iterdir())) == 1
 
     def test_up_to_date_plans_are_skipped(self, fake_trt):
         """A second build skips both plans; --force rebuilds; fp32 (TF32 off) is a different plan."""

@@ -18,14 +18,19 @@ and on the GPU architecture that built it. For each of ``detector`` and ``classi
    other dim fixed, FP16 (default) or strict FP32 (TF32 off), a timing cache file shared by
    the builds; the serialized engine is written to ``model.plan``;
 3. verify (:func:`verify_plan`): the plan and ONNX Runtime (CPU, FP32) run the same inputs
-   (random [0, 1] or an npz) at batch B and at batch 1, compared output by output within
-   :data:`TOLERANCES` (:func:`compare_outputs`);
+   at batch B and at batch 1, compared output by output within :data:`TOLERANCES`
+   (:func:`compare_outputs`). The inputs are real slices and clips, prepared as the served
+   ensemble prepares them (:func:`patient_samples`), from a patient folder or a synthetic
+   patient, or an npz;
 4. ``model.plan.json`` beside the plan records the TensorRT version, GPU, precision, builder
    settings, profile shapes, build seconds, file hashes and the verification.
 
 A plan whose ``model.plan.json`` names the same ONNX hash, TensorRT version, precision and GPU
 model is up to date and skipped (``--force`` rebuilds), so the container's entrypoint can call
-``wff trt build`` on every start.
+``wff trt build`` on every start. With a plan cache (``--plan-cache DIR`` or
+``$WFF_TRT_PLAN_CACHE``, e.g. a volume shared by the pods of a Deployment) a verified plan is
+also kept under a key of the same four facts (:func:`plan_cache_entry`), and a new pod on the
+same GPU model copies it instead of building it.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -55,6 +62,7 @@ DEFAULT_PRECISION = "fp16"
 DEFAULT_WORKSPACE_MIB = 4096  # builder scratch memory limit; tactics needing more are skipped
 DEFAULT_VERIFY_BATCH = 4
 TIMING_CACHE_NAME = "tensorrt_timing.cache"  # default cache file, at the repository root
+PLAN_CACHE_ENV = "WFF_TRT_PLAN_CACHE"  # folder of verified plans shared by servers (wff trt build --plan-cache)
 PLATFORM = "tensorrt_plan"
 PLAN_FILE = "model.plan"
 ONNX_FILE = "model.onnx"
@@ -715,27 +723,120 @@ class TensorRTRunner:
 # --------------------------------------------------------------------------- samples and verification
 
 
-def load_samples(spec: PlanSpec, npz: str | Path | None = None, batch: int = DEFAULT_VERIFY_BATCH, seed: int = 0) -> dict[str, np.ndarray]:
-    """Verification inputs by input name, FP32 (B, *dims).
+SYNTHETIC_SOURCE = "synthetic patient (wff.training.synth, seed {seed})"
 
-    From ``npz`` (arrays named after the inputs; the first ``batch`` items are used), else
-    uniform [0, 1) like the preprocess step's normalised intensities, seeded.
+
+def _synthetic_patient(out: Path, seed: int) -> Path:
+    """Write one synthetic patient's DICOM series (wff.training.synth) under ``out``; returns its folder."""
+    from wff.training.synth import draw_patients, write_patient
+
+    patient = draw_patients(2, 2, np.random.default_rng(seed))[0]  # the smallest draw: 2 train + 2 test
+    write_patient(out, patient, seed)
+    return out / patient.patient_id
+
+
+def _spread(n: int, count: int) -> np.ndarray:
+    """``count`` indices spread evenly over 0..n-1 (repeating when count > n)."""
+    return np.linspace(0, n - 1, count).round().astype(np.int64)
+
+
+def patient_samples(repository: str | Path, patient: str | Path | None = None, batch: int = DEFAULT_VERIFY_BATCH,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+    """Verification inputs of both plans from one patient, prepared as the served ensemble prepares them.
+
+    ``patient`` is a folder of one patient's DICOM series; without it a synthetic patient
+    (wff.training.synth, ``seed``) is written to a temporary folder. With the repository's
+    profile.json, the preprocess step's functions read and letterbox the series; the detector
+    inputs are ``batch`` of those slices, spread evenly over the patient. The repository's
+    detector ``model.onnx`` (ONNX Runtime) then runs on every slice and the crop step cuts the
+    served clip of each series; when the patient has fewer series than ``batch``, further clips
+    of the same regions, centred one clip length further along each series, fill the batch.
+
+    Returns ``{detector input: (batch, 1, S, S), classifier input: (batch, 1, N, C, C)}``,
+    float32 in [0, 1]. Raises :class:`PlanError` for a repository without profile.json or a
+    folder the preprocess step refuses.
     """
+    from wff.config import ServingConfig
+    from wff.contracts import contracts_for
+    from wff.ensemble import steps
+    from wff.ensemble.crop import clip_indices, crop_clip, expand_box
+    from wff.ensemble.dicom_series import read_study_dir
+    from wff.ensemble.pipeline import run_batched
+    from wff.ensemble.preprocess import prepare_patient
+    from wff.ensemble.types import InputError
+
+    if batch < 1:
+        raise ValueError(f"verification batch must be >= 1, got {batch}")
+    repository = Path(repository)
+    profile = _repository_profile(repository)
+    if profile is None:
+        raise PlanError(f"{repository}: no profile.json in the repository, so its slices cannot be prepared; "
+                        f"rebuild it with `wff repo build --target tensorrt`, or pass an npz with --samples")
+    # a given folder must pass the served request limits; the synthetic patient (up to 84 slices)
+    # is read under the default limits, so a profile with smaller ones still gets its samples
+    limits = profile.serving if patient is not None else ServingConfig()
+    with tempfile.TemporaryDirectory(prefix="wff-trt-samples-") as tmp:
+        folder = Path(patient) if patient is not None else _synthetic_patient(Path(tmp), seed)
+        try:
+            prepared = prepare_patient(read_study_dir(folder, limits), profile.image)
+        except InputError as e:
+            raise PlanError(f"verification samples: {e}") from e
+
+    c = contracts_for(profile)
+    (image,) = c.detector.inputs
+    (clip,) = c.classifier.inputs
+    detector = OnnxRuntimeRunner(_latest_version_dir(repository / c.detector.name) / ONNX_FILE)
+    detections = run_batched(lambda b: detector.run({image.name: b}), prepared.slices, c.detector.max_batch_size)
+    # route preprocess and detector outputs into the crop step by the ensemble wiring
+    wiring = {step: (in_map, out_map) for step, in_map, out_map in c.wiring}
+    tensors: dict[str, np.ndarray] = {}
+    for step, outputs in (("preprocess", steps.preprocess_outputs(prepared, float("nan"), {})), ("detector", detections)):
+        tensors.update({wiring[step][1][k]: v for k, v in outputs.items() if k in wiring[step][1]})
+    cropped = steps.crop({k: tensors[v] for k, v in wiring["crop"][0].items()}, profile)
+    clips = [cropped["crop_clips"]]  # (Q, 1, N, C, C): the clips the classifier gets when serving
+    cfg = profile.classifier
+    for k in range(batch - len(clips[0])):
+        q = k % len(clips[0])
+        members = np.flatnonzero(prepared.slice_series == q)  # (n,) slices of series q
+        centre, *box = cropped["crop_regions"][q]
+        centre = (int(centre) + (k // len(clips[0]) + 1) * cfg.clip_len) % members.size
+        box = expand_box(tuple(box), cfg.crop_margin, profile.image.size)
+        clips.append(crop_clip(prepared.slices[members, 0], box, clip_indices(members.size, centre, cfg.clip_len), cfg.crop_size)[None, None])
+    return {
+        image.name: np.ascontiguousarray(prepared.slices[_spread(len(prepared.slices), batch)]),
+        clip.name: np.ascontiguousarray(np.concatenate(clips)[:batch]),
+    }
+
+
+def verification_inputs(repository: str | Path, samples: str | Path | None = None,
+                        batch: int = DEFAULT_VERIFY_BATCH) -> tuple[dict[str, np.ndarray], str]:
+    """The arrays plans are verified on, by input name, and where they come from.
+
+    ``samples``: an npz file (arrays named after the inputs), a patient folder of DICOM series,
+    or None for a synthetic patient (:func:`patient_samples`).
+    """
+    if samples is not None and Path(samples).is_file():
+        with np.load(samples) as data:
+            return {name: data[name] for name in data.files}, str(samples)
+    if samples is not None:
+        return patient_samples(repository, samples, batch), f"patient folder {samples}"
+    return patient_samples(repository, None, batch), SYNTHETIC_SOURCE.format(seed=0)
+
+
+def load_samples(spec: PlanSpec, arrays: Mapping[str, np.ndarray], batch: int = DEFAULT_VERIFY_BATCH,
+                 origin: str = "samples") -> dict[str, np.ndarray]:
+    """``spec``'s verification inputs from ``arrays`` (see :func:`verification_inputs`): the first
+    ``batch`` items of the array named after each input, FP32 (B, *dims)."""
     if batch < 1:
         raise ValueError(f"verification batch must be >= 1, got {batch}")
     samples = {}
-    data = np.load(npz) if npz is not None else None
-    rng = np.random.default_rng(seed)
     for profile in spec.inputs:
         dims = profile.max[1:]
-        if data is not None:
-            if profile.name not in data:
-                raise PlanError(f"{npz}: no array {profile.name!r}; it has {sorted(data.files)}")
-            array = np.asarray(data[profile.name], dtype=np.float32)[:batch]
-            if array.shape[1:] != dims or len(array) == 0:
-                raise PlanError(f"{npz}: {profile.name} is {array.shape}, expected (B, {', '.join(map(str, dims))})")
-        else:
-            array = rng.random((batch, *dims), dtype=np.float32)
+        if profile.name not in arrays:
+            raise PlanError(f"{origin}: no array {profile.name!r}; it has {sorted(arrays)}")
+        array = np.asarray(arrays[profile.name], dtype=np.float32)[:batch]
+        if array.shape[1:] != dims or len(array) == 0:
+            raise PlanError(f"{origin}: {profile.name} is {array.shape}, expected (B, {', '.join(map(str, dims))})")
         samples[profile.name] = array
     return samples
 
@@ -860,11 +961,12 @@ def build_engine(
     seconds = time.perf_counter() - start
     if serialized is None:
         raise PlanError(f"{spec.onnx}: TensorRT failed to build an engine (see the TensorRT log above)")
-    if timing_cache is not None:
+    if timing_cache is not None:  # a unique temporary name: pods sharing the cache file may write it at once
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = timing_cache.with_name(timing_cache.name + ".tmp")
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-        tmp.replace(timing_cache)
+        fd, tmp = tempfile.mkstemp(prefix=timing_cache.name + ".", dir=timing_cache.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(bytes(config.get_timing_cache().serialize()))
+        os.replace(tmp, timing_cache)
     settings = {
         "precision": precision,
         "fp16": precision == "fp16",
@@ -898,6 +1000,44 @@ def _up_to_date(spec: PlanSpec, onnx_hash: str, trt_version: str, precision: str
     )
 
 
+def plan_cache_entry(cache: str | Path, spec: PlanSpec, onnx_hash: str, trt_version: str, precision: str,
+                     device: Mapping[str, Any]) -> Path:
+    """The folder of ``cache`` that holds ``spec``'s plan built from this ONNX, by this TensorRT, at
+    this precision, on this GPU model (what :func:`_up_to_date` compares)."""
+    gpu = re.sub(r"[^a-z0-9]+", "-", str(device.get("name", "")).lower()).strip("-")
+    return Path(cache) / spec.step / f"{onnx_hash[:16]}-trt{trt_version}-{precision}-{gpu}-cc{device.get('compute_capability')}"
+
+
+def _restore_plan(entry: Path, spec: PlanSpec) -> bool:
+    """Copy a cached plan and its report beside ``spec.onnx``; False when the cache has none."""
+    plan, report = entry / PLAN_FILE, entry / (PLAN_FILE + REPORT_SUFFIX)
+    if not (plan.is_file() and report.is_file()):
+        return False
+    for source, target in ((plan, spec.plan), (report, spec.report)):
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(source, tmp)
+        tmp.replace(target)
+    return True
+
+
+def _store_plan(entry: Path, spec: PlanSpec) -> None:
+    """Put ``spec``'s plan and report into the cache folder ``entry``, whole or not at all: they are
+    copied into a temporary folder that is then renamed; when another server stored the same
+    plan first, its copy is kept."""
+    if entry.exists():
+        return
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    shutil.copyfile(spec.plan, tmp / PLAN_FILE)
+    shutil.copyfile(spec.report, tmp / (PLAN_FILE + REPORT_SUFFIX))
+    try:
+        tmp.rename(entry)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not entry.is_dir():
+            raise
+
+
 def preflight(repository: str | Path, models: Sequence[str] = MODEL_STEPS) -> list[tuple[PlanSpec, list[str]]]:
     """Specs and op issues of ``models``; raises :class:`PlanError` on the first broken spec."""
     table = load_ops_table()
@@ -910,14 +1050,19 @@ def build_plans(
     workspace_mib: int = DEFAULT_WORKSPACE_MIB,
     timing_cache: str | Path | None = None,
     models: Sequence[str] = MODEL_STEPS,
-    samples_npz: str | Path | None = None,
+    samples: str | Path | None = None,
     verify_batch: int = DEFAULT_VERIFY_BATCH,
     verify: bool = True,
     atol_overrides: Mapping[str, float] | None = None,
     force: bool = False,
+    plan_cache: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Build, verify and describe the plans of ``models`` in ``repository``; returns the reports.
 
+    Plans are verified on ``samples`` (:func:`verification_inputs`: an npz, a patient folder, or
+    by default a synthetic patient), prepared once when the first plan needs building. With
+    ``plan_cache``, a plan that is not up to date is first looked up there
+    (:func:`plan_cache_entry`), and a newly built plan that passed is stored there.
     Raises :class:`PlanError` on a bad repository or graph, a failed build or a failed
     verification (the failing plan is kept for inspection, its report says ``passed: false``),
     and :class:`TensorRTUnavailable` without TensorRT.
@@ -952,12 +1097,21 @@ def build_plans(
     tolerance = TOLERANCES[precision].with_overrides(atol_overrides or {})
 
     reports = []
+    inputs: tuple[dict[str, np.ndarray], str] | None = None
     for spec, _ in checked:
         onnx_hash = sha256(spec.onnx)
         if not force and _up_to_date(spec, onnx_hash, trt_version, precision, device):
             log.info("%s: %s is up to date (TensorRT %s, %s)", spec.step, spec.plan, trt_version, precision)
             reports.append(json.loads(spec.report.read_text()))
             continue
+        entry = plan_cache_entry(plan_cache, spec, onnx_hash, trt_version, precision, device) if plan_cache else None
+        if (entry is not None and not force and _restore_plan(entry, spec)
+                and _up_to_date(spec, onnx_hash, trt_version, precision, device)):
+            log.info("%s: %s copied from the plan cache %s", spec.step, spec.plan, entry)
+            reports.append(json.loads(spec.report.read_text()))
+            continue
+        if verify and inputs is None:
+            inputs = verification_inputs(repository, samples, verify_batch)
         log.info("%s: building %s (%s, profile %s)", spec.step, spec.plan, precision, [asdict(p) for p in spec.inputs])
         plan, settings = build_engine(trt, spec, precision, workspace_mib, cache_path, logger)
         tmp = spec.plan.with_name(spec.plan.name + ".tmp")
@@ -981,17 +1135,18 @@ def build_plans(
         }
         verification = None
         if verify:
-            samples = load_samples(spec, samples_npz, verify_batch)
+            arrays, origin = inputs
             verification = verify_plan(spec, TensorRTRunner(trt, plan, logger, cuda), OnnxRuntimeRunner(spec.onnx),
-                                       samples, precision, tolerance)
-            source = str(samples_npz) if samples_npz else "random uniform [0, 1), seed 0"
-            report["verification"] = {**verification.to_dict(), "samples": source}
+                                       load_samples(spec, arrays, verify_batch, origin), precision, tolerance)
+            report["verification"] = {**verification.to_dict(), "samples": origin}
         spec.report.write_text(json.dumps(report, indent=2) + "\n")
         reports.append(report)
         if verification is not None and not verification.passed:
             failures = [f for c in verification.batches for f in c.failures]
             raise PlanError(f"{spec.step}: {spec.plan} differs from ONNX Runtime beyond the {precision} tolerance:\n  "
                             + "\n  ".join(failures) + f"\n(report: {spec.report})")
+        if entry is not None:
+            _store_plan(entry, spec)
     return reports
 
 
@@ -999,5 +1154,6 @@ __all__ = [
     "MODEL_STEPS", "PRECISIONS", "TOLERANCES", "Tolerance", "Comparison", "compare_outputs", "InputProfile", "PlanSpec",
     "profile_shapes", "choose_opt_batch", "tensorrt_module_version", "triton_tensorrt_version", "plan_spec",
     "onnx_tensorrt_issues", "load_ops_table", "import_tensorrt",
-    "TensorRTUnavailable", "PlanError", "verify_plan", "load_samples", "build_plans", "preflight", "trtexec_command",
+    "TensorRTUnavailable", "PlanError", "verify_plan", "load_samples", "patient_samples",
+    "verification_inputs", "build_plans", "preflight", "trtexec_command", "plan_cache_entry", "PLAN_CACHE_ENV",
 ]

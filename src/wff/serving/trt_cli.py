@@ -12,6 +12,7 @@ from wff.serving.trt import (
     DEFAULT_VERIFY_BATCH,
     DEFAULT_WORKSPACE_MIB,
     MODEL_STEPS,
+    PLAN_CACHE_ENV,
     PRECISIONS,
     TIMING_CACHE_NAME,
     TOLERANCES,
@@ -87,22 +88,27 @@ def check(repository: Path, models: tuple[str, ...], precision: str) -> None:
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
               help=f"Timing cache file, read if present and updated [default: REPOSITORY/{TIMING_CACHE_NAME}].")
 @_MODELS
-@click.option("--samples", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="npz with verification inputs named after the model inputs (detector_image, classifier_clip); default: random [0, 1).")
+@click.option("--samples", type=click.Path(exists=True, path_type=Path),
+              help="Verification inputs: a patient folder of DICOM series, or an npz with arrays named after the model inputs "
+                   "(detector_image, classifier_clip); default: a synthetic patient, prepared as served.")
 @click.option("--verify-batch", type=click.IntRange(min=1), default=DEFAULT_VERIFY_BATCH, show_default=True,
               help="Samples per model for the verification (then sample 0 alone at batch 1).")
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with ONNX Runtime.")
 @click.option("--atol", multiple=True, metavar="OUTPUT=VALUE", help="Override one output's tolerance (repeatable).")
 @click.option("--force", is_flag=True, help="Rebuild plans that are up to date.")
+@click.option("--plan-cache", type=click.Path(file_okay=False, path_type=Path), envvar=PLAN_CACHE_ENV, show_envvar=True,
+              help="Folder of verified plans shared between servers: a plan for this ONNX, TensorRT, precision and GPU model "
+                   "is copied from it instead of built, and a newly built one is stored there.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
               help="Also write the reports here ('-' for stdout).")
 def build(repository: Path, precision: str, workspace_mib: int, timing_cache: Path | None, models: tuple[str, ...],
-          samples: Path | None, verify_batch: int, no_verify: bool, atol: tuple[str, ...], force: bool, json_out: Path | None) -> None:
+          samples: Path | None, verify_batch: int, no_verify: bool, atol: tuple[str, ...], force: bool,
+          plan_cache: Path | None, json_out: Path | None) -> None:
     """Build model.plan (+ model.plan.json) for the detector and classifier of REPOSITORY and verify them."""
     overrides = parse_atol(atol)
     try:
         reports = build_plans(repository, precision, workspace_mib, timing_cache, models or MODEL_STEPS, samples,
-                              verify_batch, not no_verify, overrides, force)
+                              verify_batch, not no_verify, overrides, force, plan_cache)
     except (PlanError, TensorRTUnavailable, ValueError) as e:
         raise click.ClickException(str(e)) from e
     for r in reports:

@@ -29,6 +29,26 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- .Values.artifacts.existingClaim | default (printf "%s-artifacts" (include "spine-wff.fullname" .)) -}}
 {{- end -}}
 
+{{- define "spine-wff.plansClaim" -}}
+{{- .Values.plans.existingClaim | default (printf "%s-plans" (include "spine-wff.fullname" .)) -}}
+{{- end -}}
+
+{{/* Volume mounts of both containers (the triton container adds /dev/shm). */}}
+{{- define "spine-wff.volumeMounts" -}}
+- name: artifacts
+  mountPath: /models/artifacts
+  readOnly: true
+  {{- with .Values.artifacts.subPath }}
+  subPath: {{ . }}
+  {{- end }}
+- name: state
+  mountPath: /models/state
+- name: plans
+  mountPath: /models/plans
+- name: tmp
+  mountPath: /tmp
+{{- end -}}
+
 {{/* Environment shared by the prepare init container and tritonserver (docker/entrypoint.sh).
      Numbers go through int64: Helm reads YAML numbers as float64, which print as 6.7108864e+07. */}}
 {{- define "spine-wff.env" -}}
@@ -44,6 +64,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   value: {{ .Values.trt.precision | quote }}
 - name: WFF_TRT_WORKSPACE_MIB
   value: {{ .Values.trt.workspaceMiB | int64 | quote }}
+- name: WFF_TRT_PLAN_CACHE
+  value: /models/plans
+- name: WFF_TRT_TIMING_CACHE
+  value: /models/plans/tensorrt_timing.cache
+- name: WFF_EXIT_TIMEOUT_S
+  value: {{ .Values.exitTimeoutSeconds | int64 | quote }}
 - name: WFF_PYTHON_SHM_DEFAULT_BYTES
   value: {{ .Values.python.shmDefaultBytes | int64 | quote }}
 - name: WFF_PYTHON_SHM_GROWTH_BYTES
