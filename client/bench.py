@@ -308,7 +308,8 @@ async def bench_served_async(target: ServedTarget, patients: Sequence[BenchPatie
 
     levels = list(levels)
     rows = []
-    async with AsyncDiagnosisClient(target.grpc_url, timeout_s=timeout_s) as client:
+    # no retries: a request the server sheds counts as an error at its concurrency, not as a slow success
+    async with AsyncDiagnosisClient(target.grpc_url, timeout_s=timeout_s, retries=0) as client:
         await client.fusion_settings()  # fails fast when no server answers
         before_samples = fetch_metrics(target.metrics_url)
         warm = patients[: max(levels)] or patients
