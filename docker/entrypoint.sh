@@ -2,7 +2,7 @@
 # spine-wff container entrypoint.
 #
 #   wff-entrypoint prepare           build the Triton repository (and TensorRT plans) if missing, then exit
-#   wff-entrypoint serve [ARGS...]   prepare, then exec tritonserver (ARGS go to tritonserver)
+#   wff-entrypoint serve [ARGS...]   prepare, then exec `wff serve` (ARGS go on to tritonserver)
 #   wff-entrypoint COMMAND...        run anything else (e.g. bash, wff trt check ...)
 #
 # The repository is generated from the `wff train` output in $WFF_ARTIFACTS into
@@ -10,6 +10,11 @@
 # kept in $WFF_STATE/artifacts.sha256). For the tensorrt target, `wff trt build` then builds
 # and verifies model.plan for the detector and classifier; it skips plans that are up to date,
 # so a restart costs seconds, and the first start on a new GPU costs the plan builds.
+#
+# `serve` runs the image's tritonserver under `wff serve`, which reloads a model whose
+# Python-backend stub died (Triton alone keeps reporting ready while every request to that model
+# fails) and stops the server when it cannot; SIGTERM stops tritonserver cleanly (it waits
+# $WFF_EXIT_TIMEOUT_S for requests in flight, so give the container a longer stop grace period).
 set -euo pipefail
 
 ARTIFACTS="${WFF_ARTIFACTS:-/models/artifacts}"
@@ -27,10 +32,27 @@ SHM_DEFAULT_BYTES="${WFF_PYTHON_SHM_DEFAULT_BYTES:-67108864}"
 SHM_GROWTH_BYTES="${WFF_PYTHON_SHM_GROWTH_BYTES:-67108864}"
 LOG_VERBOSE="${WFF_LOG_VERBOSE:-0}"
 # tritonserver's allocator: under sustained load glibc's malloc kept the server process growing
-# (BENCHMARKS.md, soak); the NGC image ships jemalloc. jemalloc | glibc | a library path. The
-# Python-backend stubs keep glibc: a stub wrapper in $STATE/backends clears LD_PRELOAD for them.
-SERVER_MALLOC="${WFF_SERVER_MALLOC:-jemalloc}"
+# (BENCHMARKS.md, soak). auto (jemalloc where installed, else glibc with a warning) | jemalloc |
+# glibc | a library path. The Python-backend stubs keep glibc (wff serve gives them a stub
+# wrapper that clears LD_PRELOAD).
+SERVER_MALLOC="${WFF_SERVER_MALLOC:-auto}"
+TRITONSERVER="${WFF_TRITONSERVER:-tritonserver}"      # a path, or a name on PATH
 TRITON_BACKENDS="${WFF_TRITON_BACKENDS:-/opt/tritonserver/backends}"
+EXIT_TIMEOUT_S="${WFF_EXIT_TIMEOUT_S:-30}"            # tritonserver's wait for requests in flight on SIGTERM
+STARTUP_TIMEOUT_S="${WFF_STARTUP_TIMEOUT_S:-600}"     # model loading, plans included
+# Inside the container every endpoint listens on all interfaces; which of them the host or the
+# cluster exposes is decided where the ports are published (compose, Service, NetworkPolicy).
+GRPC_ADDRESS="${WFF_GRPC_ADDRESS:-0.0.0.0}"
+HTTP_ADDRESS="${WFF_HTTP_ADDRESS:-0.0.0.0}"
+METRICS_ADDRESS="${WFF_METRICS_ADDRESS:-0.0.0.0}"
+GRPC_PORT="${WFF_GRPC_PORT:-8001}"
+HTTP_PORT="${WFF_HTTP_PORT:-8000}"
+METRICS_PORT="${WFF_METRICS_PORT:-8002}"
+# gRPC TLS: server certificate and key (PEM), and a CA for mutual TLS (clients must present a
+# certificate it signed). Empty: plain gRPC.
+TLS_CERT="${WFF_TLS_CERT:-}"
+TLS_KEY="${WFF_TLS_KEY:-}"
+TLS_CLIENT_CA="${WFF_TLS_CLIENT_CA:-}"
 
 log() { echo "[wff-entrypoint] $*" >&2; }
 
@@ -59,64 +81,30 @@ prepare() {
     fi
 }
 
-server_preload() {  # prints the library to preload into tritonserver (nothing for glibc)
-    case "$SERVER_MALLOC" in
-        glibc) ;;
-        jemalloc)
-            local lib
-            for lib in /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2; do
-                [[ -f "$lib" ]] && { echo "$lib"; return; }
-            done
-            log "WFF_SERVER_MALLOC=jemalloc but libjemalloc.so.2 is not installed: tritonserver runs on glibc malloc" ;;
-        *)
-            [[ -f "$SERVER_MALLOC" ]] || { log "WFF_SERVER_MALLOC=$SERVER_MALLOC: no such library (jemalloc, glibc or a path)"; exit 2; }
-            echo "$SERVER_MALLOC" ;;
-    esac
-}
-
-stub_backends() {  # $TRITON_BACKENDS with a Python stub that does not inherit LD_PRELOAD; prints its path
-    local dst="$STATE/backends" item
-    if [[ ! -f "$TRITON_BACKENDS/python/triton_python_backend_stub" ]]; then
-        log "no Python backend stub in $TRITON_BACKENDS/python (set WFF_TRITON_BACKENDS, or WFF_SERVER_MALLOC=glibc)"
-        exit 2
-    fi
-    rm -rf "$dst"
-    mkdir -p "$dst/python"
-    for item in "$TRITON_BACKENDS"/*; do
-        [[ "$(basename "$item")" == python ]] || ln -s "$item" "$dst/"
-    done
-    for item in "$TRITON_BACKENDS"/python/*; do
-        [[ "$(basename "$item")" == triton_python_backend_stub ]] || ln -s "$item" "$dst/python/"
-    done
-    printf '#!/bin/sh\nunset LD_PRELOAD\nexec %q "$@"\n' "$TRITON_BACKENDS/python/triton_python_backend_stub" > "$dst/python/triton_python_backend_stub"
-    chmod 755 "$dst/python/triton_python_backend_stub"
-    echo "$dst"
-}
-
 serve() {
     prepare
-    local preload backend_args=()
-    preload="$(server_preload)"
-    if [[ -n "$preload" ]]; then
-        local backends
-        backends="$(stub_backends)"
-        backend_args=(--backend-directory="$backends")
-        export LD_PRELOAD="$preload"
-        log "tritonserver allocator: $preload (backend stubs: glibc)"
-    fi
-    local gpu_metrics=true
+    # wff serve's own files (the backend directory with the stub wrapper) go where the state is
+    # writable, so the image's root filesystem can stay read-only
+    export TMPDIR="${TMPDIR:-$STATE/tmp}"
+    mkdir -p "$TMPDIR"
+    local gpu_metrics=true tls=()
     [[ "$INSTANCE_KIND" == KIND_CPU ]] && gpu_metrics=false
-    log "starting tritonserver on $REPOSITORY (HTTP 8000, gRPC 8001, metrics 8002)"
-    exec tritonserver \
-        --model-repository="$REPOSITORY" \
-        --http-port=8000 --grpc-port=8001 --metrics-port=8002 \
-        --allow-metrics=true --allow-gpu-metrics="$gpu_metrics" \
-        --backend-config=python,shm-default-byte-size="$SHM_DEFAULT_BYTES" \
-        --backend-config=python,shm-growth-byte-size="$SHM_GROWTH_BYTES" \
-        --exit-on-error=true \
-        --log-verbose="$LOG_VERBOSE" \
-        "${backend_args[@]}" \
-        "$@"
+    [[ -n "$TLS_CERT" ]] && tls+=(--tls-cert "$TLS_CERT")
+    [[ -n "$TLS_KEY" ]] && tls+=(--tls-key "$TLS_KEY")
+    [[ -n "$TLS_CLIENT_CA" ]] && tls+=(--tls-client-ca "$TLS_CLIENT_CA")
+    log "starting $TRITONSERVER on $REPOSITORY under wff serve (HTTP $HTTP_PORT, gRPC $GRPC_PORT, metrics $METRICS_PORT)"
+    exec wff -v serve \
+        --repository "$REPOSITORY" \
+        --tritonserver "$TRITONSERVER" --backend-directory "$TRITON_BACKENDS" \
+        --grpc-address "$GRPC_ADDRESS" --grpc-port "$GRPC_PORT" \
+        --http-address "$HTTP_ADDRESS" --http-port "$HTTP_PORT" \
+        --metrics-address "$METRICS_ADDRESS" --metrics-port "$METRICS_PORT" \
+        "${tls[@]}" \
+        --shm-default-bytes "$SHM_DEFAULT_BYTES" --shm-growth-bytes "$SHM_GROWTH_BYTES" \
+        --server-malloc "$SERVER_MALLOC" \
+        --exit-timeout "$EXIT_TIMEOUT_S" --timeout "$STARTUP_TIMEOUT_S" \
+        --log-verbose "$LOG_VERBOSE" --log-file - \
+        -- --allow-gpu-metrics="$gpu_metrics" "$@"
 }
 
 case "${1:-serve}" in

@@ -180,15 +180,32 @@ class TestDockerfile:
 
 @pytest.fixture
 def fake_tritonserver(tmp_path):
-    """A `tritonserver` on PATH that records its arguments; the venv's `wff` beside it."""
+    """A `tritonserver` on PATH that records its arguments and LD_PRELOAD, runs its backend directory's Python
+    stub (recording what the stub saw), and exits; a backend directory with a stand-in Python stub; the venv's
+    `wff` on PATH. `wff serve` then reports that tritonserver exited during startup."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     record = tmp_path / "tritonserver.args"
     fake = bin_dir / "tritonserver"
-    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\necho "${{LD_PRELOAD:-}}" > {record}.preload\n')
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'printf "%s\\n" "$@" > {record}\n'
+        f'echo "${{LD_PRELOAD:-}}" > {record}.preload\n'
+        'for arg in "$@"; do\n'
+        f'    [[ "$arg" == --backend-directory=* ]] && "${{arg#*=}}/python/triton_python_backend_stub" model.py > {record}.stub\n'
+        "done\n"
+        "exit 0\n"
+    )
     fake.chmod(0o755)
+    backends = tmp_path / "backends"
+    (backends / "python").mkdir(parents=True)
+    (backends / "onnxruntime").mkdir()
+    (backends / "python" / "libtriton_python.so").write_bytes(b"")
+    stub = backends / "python" / "triton_python_backend_stub"
+    stub.write_text('#!/bin/sh\necho "stub $1 LD_PRELOAD=${LD_PRELOAD:-unset}"\n')
+    stub.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "WFF_SERVER_MALLOC": "glibc"}
+           "WFF_SERVER_MALLOC": "glibc", "WFF_TRITON_BACKENDS": str(backends)}
     return env, record
 
 
@@ -197,57 +214,69 @@ def run_entrypoint(env, *args, **extra):
                           capture_output=True, text=True, timeout=120)
 
 
+def ran_and_exited(result) -> bool:
+    """wff serve started the fake tritonserver and reported its exit during startup."""
+    return result.returncode == 1 and "tritonserver exited with code 0 during startup" in result.stderr
+
+
 class TestEntrypoint:
-    def test_serve_builds_then_execs_tritonserver(self, fake_tritonserver, tiny_artifacts, tmp_path):
-        """CPU variant: onnxruntime repository with KIND_CPU, then tritonserver with shm, ports and metrics flags."""
+    def test_serve_builds_then_runs_tritonserver_under_wff_serve(self, fake_tritonserver, tiny_artifacts, tmp_path):
+        """CPU variant: onnxruntime repository with KIND_CPU, then wff serve runs tritonserver with the container's settings."""
         env, record = fake_tritonserver
         state = tmp_path / "state"
         result = run_entrypoint(env, "serve", "--log-info=true", WFF_ARTIFACTS=str(tiny_artifacts), WFF_STATE=str(state),
                                 WFF_TARGET="onnxruntime", WFF_INSTANCE_KIND="KIND_CPU")
-        assert result.returncode == 0, result.stderr
+        assert ran_and_exited(result), result.stderr
         assert "KIND_CPU" in (state / "repository" / "detector" / "config.pbtxt").read_text()
         args = record.read_text().split()
         assert f"--model-repository={state / 'repository'}" in args
-        assert {"--http-port=8000", "--grpc-port=8001", "--metrics-port=8002", "--allow-metrics=true",
-                "--allow-gpu-metrics=false", "--backend-config=python,shm-default-byte-size=67108864",
-                "--backend-config=python,shm-growth-byte-size=67108864", "--log-info=true"} <= set(args)
+        assert f"--backend-directory={env['WFF_TRITON_BACKENDS']}" in args  # glibc: the image's backends as they are
+        assert {"--http-address=0.0.0.0", "--http-port=8000", "--grpc-address=0.0.0.0", "--grpc-port=8001",
+                "--metrics-address=0.0.0.0", "--metrics-port=8002", "--allow-metrics=true", "--allow-gpu-metrics=false",
+                "--backend-config=python,shm-default-byte-size=67108864", "--backend-config=python,shm-growth-byte-size=67108864",
+                "--exit-timeout-secs=30", "--model-control-mode=explicit", "--log-verbose=0", "--log-info=true"} <= set(args)
+        assert any(a.startswith("--http-restricted-api=model-repository:") for a in args)  # endpoints off loopback
+
+    def test_settings_from_the_environment(self, fake_tritonserver, tiny_artifacts, tmp_path):
+        """Exit timeout, per-endpoint addresses and ports, and gRPC (mutual) TLS come from WFF_* variables."""
+        env, record = fake_tritonserver
+        pem = tmp_path / "x.pem"
+        pem.write_text("stand-in")
+        result = run_entrypoint(env, "serve", WFF_ARTIFACTS=str(tiny_artifacts), WFF_STATE=str(tmp_path / "state"),
+                                WFF_TARGET="onnxruntime", WFF_EXIT_TIMEOUT_S="7", WFF_HTTP_ADDRESS="127.0.0.1",
+                                WFF_METRICS_ADDRESS="127.0.0.1", WFF_GRPC_PORT="9001", WFF_TLS_CERT=str(pem), WFF_TLS_KEY=str(pem),
+                                WFF_TLS_CLIENT_CA=str(pem))
+        assert ran_and_exited(result), result.stderr
+        args = set(record.read_text().split())
+        assert {"--exit-timeout-secs=7", "--http-address=127.0.0.1", "--metrics-address=127.0.0.1", "--grpc-address=0.0.0.0",
+                "--grpc-port=9001", "--grpc-use-ssl=true", f"--grpc-server-cert={pem}", f"--grpc-server-key={pem}",
+                "--grpc-use-ssl-mutual=true", f"--grpc-root-cert={pem}", "--allow-gpu-metrics=true"} <= args
 
     def test_server_malloc_preloads_tritonserver_not_stubs(self, fake_tritonserver, tiny_artifacts, tmp_path):
         """WFF_SERVER_MALLOC=LIB: tritonserver gets LD_PRELOAD=LIB and a backend directory whose Python stub clears it."""
         env, record = fake_tritonserver
-        backends = tmp_path / "backends"
-        (backends / "python").mkdir(parents=True)
-        (backends / "onnxruntime").mkdir()
-        (backends / "python" / "libtriton_python.so").write_bytes(b"")
-        stub = backends / "python" / "triton_python_backend_stub"
-        stub.write_text('#!/bin/sh\necho "stub $1 LD_PRELOAD=${LD_PRELOAD:-unset}"\n')
-        stub.chmod(0o755)
         lib = tmp_path / "libfake.so"
         lib.write_bytes(b"")
-        state = tmp_path / "state"
-        result = run_entrypoint(env, "serve", WFF_ARTIFACTS=str(tiny_artifacts), WFF_STATE=str(state), WFF_TARGET="onnxruntime",
-                                WFF_INSTANCE_KIND="KIND_CPU", WFF_SERVER_MALLOC=str(lib), WFF_TRITON_BACKENDS=str(backends))
-        assert result.returncode == 0, result.stderr
-        assert f"--backend-directory={state / 'backends'}" in record.read_text().split()
+        result = run_entrypoint(env, "serve", WFF_ARTIFACTS=str(tiny_artifacts), WFF_STATE=str(tmp_path / "state"),
+                                WFF_TARGET="onnxruntime", WFF_INSTANCE_KIND="KIND_CPU", WFF_SERVER_MALLOC=str(lib))
+        assert ran_and_exited(result), result.stderr
+        assert f"--backend-directory={env['WFF_TRITON_BACKENDS']}" not in record.read_text().split()  # a wrapped copy
         assert Path(f"{record}.preload").read_text().strip() == str(lib)
-        assert (state / "backends" / "onnxruntime").resolve() == backends / "onnxruntime"
-        assert (state / "backends" / "python" / "libtriton_python.so").resolve() == backends / "python" / "libtriton_python.so"
-        wrapped = subprocess.run([str(state / "backends" / "python" / "triton_python_backend_stub"), "model.py"],
-                                 env={**os.environ, "LD_PRELOAD": str(lib)}, capture_output=True, text=True, timeout=10)
-        assert wrapped.stdout.strip() == "stub model.py LD_PRELOAD=unset"
+        assert Path(f"{record}.stub").read_text().strip() == "stub model.py LD_PRELOAD=unset"
 
     def test_server_malloc_glibc_and_bad_values(self, fake_tritonserver, tiny_artifacts, tmp_path):
         env, record = fake_tritonserver
         common = dict(WFF_ARTIFACTS=str(tiny_artifacts), WFF_STATE=str(tmp_path / "state"), WFF_TARGET="onnxruntime", WFF_INSTANCE_KIND="KIND_CPU")
         result = run_entrypoint(env, "serve", **common)  # the fixture's glibc
-        assert result.returncode == 0, result.stderr
-        assert "--backend-directory" not in record.read_text() and Path(f"{record}.preload").read_text().strip() == ""
+        assert ran_and_exited(result), result.stderr
+        assert Path(f"{record}.preload").read_text().strip() == ""
+        assert Path(f"{record}.stub").read_text().strip() == "stub model.py LD_PRELOAD=unset"
         record.unlink()
         missing = run_entrypoint(env, "serve", **common, WFF_SERVER_MALLOC=str(tmp_path / "nothing.so"))
-        assert missing.returncode == 2 and "nothing.so: no such library" in missing.stderr and not record.exists()
-        no_stub = run_entrypoint(env, "serve", **common, WFF_SERVER_MALLOC=str(tiny_artifacts / "profile.json"),
-                                 WFF_TRITON_BACKENDS=str(tmp_path))
-        assert no_stub.returncode == 2 and "no Python backend stub" in no_stub.stderr and not record.exists()
+        assert missing.returncode == 1 and "nothing.so' is neither auto, glibc, jemalloc nor the path" in missing.stderr
+        assert not record.exists()
+        no_stub = run_entrypoint(env, "serve", **common, WFF_TRITON_BACKENDS=str(tmp_path))
+        assert no_stub.returncode == 1 and "no Python backend stub" in no_stub.stderr and not record.exists()
 
     def test_prepare_is_idempotent_and_follows_artifacts(self, fake_tritonserver, tiny_artifacts, tmp_path):
         """A second prepare keeps the repository; changed artifacts rebuild it."""

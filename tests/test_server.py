@@ -15,6 +15,7 @@ import sys
 import time
 import types
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,8 +30,9 @@ from wff.cli import main
 from wff.client.grpc_client import DiagnosisClient, RejectedInput, read_patient_files
 from wff.contracts import ENSEMBLE_NAME, contracts_for
 from wff.ensemble.pipeline import Pipeline
+from wff.ensemble.types import InputError
 from wff.serving.repository import build_repository
-from wff.serving.server import TritonServer, free_port
+from wff.serving.server import TritonServer, child_pids, free_port, process_name
 
 C = contracts_for(TINY)
 PARITY_ATOL = 1e-5  # same code, same ONNX Runtime settings; only float summation order may differ
@@ -96,8 +98,9 @@ class TestServer:
             client.diagnose(files or read_patient_files(dicom_patient), age)
         assert client.diagnose(read_patient_files(dicom_patient)).label in ("benign", "malignant")
 
-    def test_step_rejects_inconsistent_inputs(self, server):
-        """Called directly, crop answers INVALID_ARGUMENT when its tensors disagree on the slice count."""
+    def test_step_reports_inconsistent_inputs_as_internal(self, server):
+        """Called directly with tensors that disagree on the slice count, crop answers INTERNAL (steps' tensors
+        disagreeing is a bug, not the patient's files) and logs the cause; the server keeps serving."""
         s, k = TINY.image.size, TINY.detector.top_k
         arrays = {
             "crop_slices": np.zeros((3, 1, s, s), np.float32),
@@ -111,9 +114,11 @@ class TestServer:
             inputs.append(grpcclient.InferInput(spec.name, list(arrays[spec.name].shape), spec.wire_dtype))
             inputs[-1].set_data_from_numpy(arrays[spec.name])
         with grpcclient.InferenceServerClient(server.grpc_url) as c:
-            with pytest.raises(Exception, match="crop_boxes has 2 rows for 3 slices") as e:
+            with pytest.raises(Exception, match="crop: internal error") as e:
                 c.infer("crop", inputs)
-        assert "INVALID_ARGUMENT" in str(e.value.status())
+        assert "INTERNAL" in str(e.value.status())
+        assert "crop_boxes has 2 rows for 3 slices" in server.log_file.read_text()
+        assert server.is_healthy()
 
     def test_concurrent_detector_requests_are_split_back(self, server):
         """Requests merged by the dynamic batcher each get their own slices' outputs."""
@@ -163,7 +168,7 @@ class TestClientCommands:
         assert result.exit_code == 1 and "AGE_YEARS" in result.output
 
     def test_evaluate_split(self, server, tmp_path):
-        """wff evaluate scores the six strategies; a broken patient is counted, not fatal."""
+        """wff evaluate scores the six strategies; a broken patient is counted, the others' results are written, and the exit code is 1."""
         rows = ["patient_id,label,age,location,split"]
         for i, label in enumerate(("benign", "malignant", "malignant")):
             write_dicom_patient(tmp_path / f"P{i}", {"SAG T2": 4, "SAG T1": 4}, seed=i)
@@ -174,7 +179,7 @@ class TestClientCommands:
         (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
         args = ["evaluate", str(tmp_path), "--url", server.grpc_url, "--concurrency", "2", "--json", str(tmp_path / "m.json"), "--csv", str(tmp_path / "p.csv")]
         result = CliRunner().invoke(main, args)
-        assert result.exit_code == 0, result.output
+        assert result.exit_code == 1 and "1 of 4 patients failed" in result.output, result.output
         data = json.loads((tmp_path / "m.json").read_text())
         assert (data["patients"], data["errors"]) == (4, 1) and data["seconds_per_patient"] > 0
         assert list(data["strategies"]) == ["Det", "Det-Age", "Seq", "Seq-Age", "Det-Seq", "Det-Seq-Age"]
@@ -186,20 +191,19 @@ class TestClientCommands:
 def test_serve_command_stops_on_sigterm(tiny_artifacts, tmp_path):
     """wff serve --artifacts builds, serves until SIGTERM, then exits 0."""
     ports = [str(free_port()) for _ in range(3)]
-    args = [sys.executable, "-m", "wff", "serve", "--artifacts", str(tiny_artifacts),
+    args = [sys.executable, "-m", "wff", "serve", "--artifacts", str(tiny_artifacts), "--timeout", str(STARTUP_LIMIT_S),
             "--grpc-port", ports[0], "--http-port", ports[1], "--metrics-port", ports[2]]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + STARTUP_LIMIT_S
-        ready = False
-        while time.monotonic() < deadline and proc.poll() is None and not ready:
-            try:
-                ready = urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/v2/health/ready", timeout=2).status == 200
-            except OSError:
-                time.sleep(0.3)
-        assert ready, proc.stdout.read() if proc.poll() is not None else "not ready in time"
+        started = []
+        for line in proc.stdout:  # until wff serve says it serves (it exits by itself after --timeout)
+            started.append(line)
+            if line.startswith("Ctrl-C to stop."):
+                break
+        assert proc.poll() is None, "".join(started)
+        assert urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/v2/health/ready", timeout=2).status == 200
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        out = "".join(started) + proc.communicate(timeout=30)[0]
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
@@ -247,7 +251,7 @@ class TestTritonStep:
                 if (x == 99).any():
                     raise RuntimeError("bug")
                 if (x < 0).any():
-                    raise ValueError("x must be >= 0")
+                    raise InputError("x must be >= 0")
                 return {"y": x * 2}
 
         config = {"max_batch_size": 8, "input": [{"name": "x"}], "output": [{"name": "y", "data_type": "TYPE_INT32"}],
@@ -267,7 +271,7 @@ class TestTritonStep:
             assert r.outputs["y"].dtype == np.int32
 
     def test_bad_request_fails_alone(self, step):
-        """A ValueError in the merged call reruns requests one by one; only the bad one gets INVALID_ARG."""
+        """An InputError in the merged call reruns requests one by one; only the bad one gets INVALID_ARG."""
         responses = step.execute([{"x": np.ones((1, 2), np.int64)}, {"x": -np.ones((2, 2), np.int64)}])
         assert responses[0].error is None and (responses[0].outputs["y"] == 2).all()
         assert (responses[1].error.code, responses[1].error.message) == ("INVALID_ARG", "x must be >= 0")
@@ -277,3 +281,33 @@ class TestTritonStep:
         (response,) = step.execute([{"x": np.full((1, 2), 99, np.int64)}])
         assert response.error.code == "INTERNAL" and "RuntimeError" in response.error.message
         assert any("Traceback" in line for line in sys.modules["triton_python_backend_utils"].Logger.lines)
+
+
+def test_serve_stops_a_starting_server_on_sigterm(tiny_artifacts, tmp_path):
+    """SIGTERM while tritonserver is still starting (a stand-in that never gets ready): wff serve stops it at once and exits 0."""
+    fake = tmp_path / "tritonserver"
+    fake.write_text("#!/bin/sh\nexec sleep 300\n")
+    fake.chmod(0o755)
+    backends = tmp_path / "backends"
+    (backends / "python").mkdir(parents=True)
+    (backends / "python" / "triton_python_backend_stub").write_text("")
+    args = [sys.executable, "-m", "wff", "serve", "--repository", str(build_repository(tmp_path / "repo", "embedded", tiny_artifacts)),
+            "--tritonserver", str(fake), "--backend-directory", str(backends), "--server-malloc", "glibc",
+            *(f"--{name}-port={free_port()}" for name in ("grpc", "http", "metrics"))]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + STARTUP_LIMIT_S
+        while not [p for p in child_pids(proc.pid) if process_name(p) == "sleep"]:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "no start"
+            time.sleep(0.1)
+        starting = [p for p in child_pids(proc.pid) if process_name(p) == "sleep"]
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        stopped_s = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0 and "SIGTERM while tritonserver was starting: stopped it" in out, out
+    assert stopped_s < 10 and not [p for p in starting if Path(f"/proc/{p}").exists()]

@@ -6,6 +6,7 @@ tritonserver and being cleared for every stub, with diagnoses still served.
 """
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from wff.client.grpc_client import DiagnosisClient, read_patient_files
 from wff.serving import server as server_mod
 from wff.serving.repository import build_repository
-from wff.serving.server import ServerError, TritonServer, prepare_backends, resolve_malloc, server_malloc_for
+from wff.serving.server import ServerError, TritonServer, prepare_backends, resolve_malloc, server_malloc_for, wrap_backends
 
 
 def loaded_library(fragment: str) -> Path:
@@ -66,6 +67,38 @@ class TestResolve:
         assert (python / "triton_python_backend_stub").is_file() and not (python / "triton_python_backend_stub").is_symlink()
         plain = prepare_backends(tmp_path / "plain") / "python" / "triton_python_backend_stub"
         assert plain.is_symlink()
+
+
+    def test_wrapped_backend_directory(self, tmp_path):
+        """Another installation's backend directory is mirrored by links, with a stub wrapper that clears LD_PRELOAD."""
+        source = prepare_backends(tmp_path / "source")
+        (source / "onnxruntime").mkdir()
+        wrapped = wrap_backends(source, tmp_path / "wrapped", ("LD_PRELOAD",))
+        assert (wrapped / "onnxruntime").resolve() == source / "onnxruntime"
+        assert (wrapped / "python" / "libtriton_python.so").resolve() == (source / "python" / "libtriton_python.so").resolve()
+        stub = wrapped / "python" / "triton_python_backend_stub"
+        assert stub.read_text() == f"#!/bin/sh\nunset LD_PRELOAD\nexec {source / 'python' / 'triton_python_backend_stub'} \"$@\"\n"
+
+
+class TestGlibcWarning:
+    """A server on glibc's malloc, which the soak did not pass with, says so at start-up and what to install."""
+
+    @pytest.mark.parametrize("setting", ["auto", "glibc"])
+    def test_glibc_warns(self, tiny_artifacts, monkeypatch, caplog, setting):
+        monkeypatch.setattr(server_mod, "find_jemalloc", lambda: None)
+        with caplog.at_level(logging.WARNING, logger="wff.serving.server"):
+            TritonServer(tiny_artifacts, grpc_port=1, http_port=2, metrics_port=3, server_malloc=setting).close()
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(f"glibc's malloc (serving.server_malloc={setting})" in w and "apt install libjemalloc2" in w for w in warnings), warnings
+
+    def test_jemalloc_is_quiet(self, tiny_artifacts, tmp_path, monkeypatch, caplog):
+        lib = tmp_path / "libjemalloc.so.2"
+        lib.write_bytes(b"")
+        monkeypatch.setattr(server_mod, "find_jemalloc", lambda: lib)
+        with caplog.at_level(logging.WARNING, logger="wff.serving.server"):
+            server = TritonServer(tiny_artifacts, grpc_port=1, http_port=2, metrics_port=3, server_malloc="auto")
+            server.close()
+        assert server.allocator == str(lib) and "malloc" not in caplog.text
 
 
 @pytest.mark.server

@@ -23,7 +23,7 @@ from conftest import write_dicom_patient
 
 from wff.client.grpc_client import AsyncDiagnosisClient, BackendDown, DiagnosisClient, DiagnosisError, read_patient_files
 from wff.serving.repository import build_repository
-from wff.serving.server import TritonServer
+from wff.serving.server import RELOAD_ATTEMPTS, ServerError, TritonServer
 
 RECOVERY_LIMIT_S = 20.0  # kill to first success; measured about 2.5 s on the 2-core development machine
 FAILED_REQUEST_LIMIT_S = 5.0  # a request that meets a dead stub fails within this (measured about 1 s)
@@ -132,3 +132,24 @@ def test_without_watchdog_triton_does_not_recover(repository, files):
                     client.diagnose(files)
             assert client.is_ready() and server.is_ready()  # Triton's readiness does not see the dead stub
         assert not server.is_healthy() and server.dead_stubs() == {"preprocess": 1} and server.stub_restarts == []
+
+
+@pytest.mark.server
+def test_server_stops_when_the_model_cannot_be_reloaded(repository, files, monkeypatch):
+    """Reloads that keep failing: after RELOAD_ATTEMPTS the watchdog stops tritonserver (readiness no longer
+    answers 200) and ``failure`` names the model, instead of a server that reports ready while every request fails."""
+
+    def broken_reload(self, model):
+        raise ServerError(f"reloading model {model!r} failed (test)")
+
+    monkeypatch.setattr(TritonServer, "reload_model", broken_reload)
+    with TritonServer(repository, grpc_port=0, http_port=0, metrics_port=0) as server:
+        with DiagnosisClient(server.grpc_url, timeout_s=TIMEOUT_S) as client:
+            client.diagnose(files)
+        kill_stub(server, "preprocess")
+        deadline = time.monotonic() + RECOVERY_LIMIT_S
+        while server.is_running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not server.is_running() and not server.is_ready()
+        assert [(r["model"], r["ok"]) for r in server.stub_restarts] == [("preprocess", False)] * RELOAD_ATTEMPTS
+        assert "'preprocess' could not be reloaded" in server.failure

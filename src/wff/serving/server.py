@@ -27,26 +27,45 @@ the server and the model still report READY. The server therefore runs with expl
 control, and a watchdog thread (``restart_stubs=True``) checks the stubs every
 ``STUB_CHECK_S`` and reloads a model whose stub has gone, through the repository API; it logs
 an error each time and counts the restarts in ``stub_restarts``. Requests that reach the model
-between the death and the reload fail with that INTERNAL error; nothing hangs.
+between the death and the reload fail with that INTERNAL error; nothing hangs. When a model's
+reload fails ``RELOAD_ATTEMPTS`` times in a row the watchdog stops tritonserver (``failure`` says
+why), so that the server does not go on reporting ready with a model that cannot answer.
 
-Security: every endpoint binds to 127.0.0.1 unless ``address`` says otherwise (a warning is
-logged for any other address without TLS). ``tls_cert`` and ``tls_key`` (PEM files) turn on
-TLS for gRPC (``--grpc-use-ssl``); HTTP and metrics stay plain, so keep them on loopback.
-Explicit model control opens Triton's model-repository API (load, unload, index); when the
-server is reachable from the network (``restrict_repository_api`` None and a non-loopback
-address, or True) that API needs the header ``ADMIN_HEADER`` with a secret made per start,
-which only the watchdog knows.
+Security: every endpoint binds to 127.0.0.1 unless told otherwise; each has its own address
+(``grpc_address``, ``http_address``, ``metrics_address``, each defaulting to ``address``), so gRPC
+can face the network while HTTP and metrics stay on loopback. ``tls_cert`` and ``tls_key`` (PEM
+files) turn on TLS for gRPC (``--grpc-use-ssl``); ``tls_client_ca`` adds mutual TLS
+(``--grpc-use-ssl-mutual``, ``--grpc-root-cert``): only clients presenting a certificate signed
+by that CA get through. HTTP and metrics are always plain text. A warning is logged for each
+endpoint reachable from the network in plain text. Explicit model control opens Triton's
+model-repository API (load, unload, index); when gRPC or HTTP is reachable from the network
+(``restrict_repository_api`` None and a non-loopback address, or True) that API needs the header
+``ADMIN_HEADER`` with a secret made per start, which only the watchdog knows.
+Triton 2.51 has no setting for the gRPC server's maximum message size (it accepts up to 2 GiB):
+a request over ``serving.max_bytes`` is refused by the preprocess step, after Triton has received
+it and copied it into that step's shared memory (the client refuses to send one).
+
+Allocator: tritonserver runs on jemalloc where it is installed (``serving.server_malloc``); on
+glibc's malloc, with which the soak did not pass reliably, a warning at start-up says what to
+install.
+
+Other installations: ``tritonserver`` (the binary) and ``backends`` (a Triton backend directory
+holding ``python/``) run another tritonserver under the same watchdog, e.g. the NGC container's
+/opt/tritonserver; ``extra_args`` are passed on to it.
+
 :func:`listening_sockets` and :func:`process_tree_rss` read /proc to check the binding and
 measure the server's memory (tritonserver plus its backend stubs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,6 +78,7 @@ import urllib.request
 import uuid
 from collections import Counter, deque
 from pathlib import Path
+from typing import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +97,26 @@ SHM_GROWTH_BYTES = 16 * MIB
 STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
 EXIT_TIMEOUT_S = 5  # tritonserver waits this long for open client connections and in-flight requests
+STOP_MARGIN_S = 10.0  # stop() waits the exit timeout plus this before it kills the process group
 LOG_TAIL_LINES = 40
 STUB_NAME = "triton_python_backend_stub"
 JEMALLOC_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 STUB_CHECK_S = 0.5  # how often the watchdog looks for dead backend stubs
 RELOAD_TIMEOUT_S = 120.0
+RELOAD_ATTEMPTS = 3  # failed reloads of one model in a row after which the watchdog stops the server
 RELOAD_PARAMETER = "wff_reloaded_after_stub_death"  # config parameter that makes a reload a new model
 ADMIN_HEADER = "wff-admin-key"  # header the restricted model-repository API requires
+# tritonserver flags TritonServer sets from its own arguments; extra_args may not repeat them
+OWNED_FLAGS = (
+    "--model-repository", "--backend-directory", "--grpc-address", "--grpc-port", "--http-address", "--http-port",
+    "--metrics-address", "--metrics-port", "--grpc-use-ssl", "--grpc-use-ssl-mutual", "--grpc-server-cert",
+    "--grpc-server-key", "--grpc-root-cert", "--model-control-mode", "--load-model", "--strict-readiness",
+    "--http-restricted-api", "--grpc-restricted-protocol", "--exit-timeout-secs", "--log-verbose",
+)
+GLIBC_WARNING = ("tritonserver runs on glibc's malloc (serving.server_malloc=%s): the 10-minute soak passed with jemalloc, "
+                 "not reliably with glibc (the server process kept growing under load). Install jemalloc "
+                 "(Debian/Ubuntu: apt install libjemalloc2, which scripts/setup.sh does when run as root) and keep "
+                 "serving.server_malloc=auto, or give a jemalloc library's path")
 
 
 class ServerError(RuntimeError):
@@ -103,8 +136,19 @@ def _pytriton_dirs() -> tuple[Path, Path]:
     return root, libs
 
 
+def _write_stub(target: Path, stub: Path, stub_env_unset: tuple[str, ...]) -> None:
+    """``target``: a symlink to ``stub``, or a two-line shell script that unsets ``stub_env_unset`` and execs it."""
+    if target.exists() or target.is_symlink():
+        target.unlink()
+    if stub_env_unset:
+        target.write_text(f"#!/bin/sh\nunset {' '.join(stub_env_unset)}\nexec {shlex.quote(str(stub))} \"$@\"\n")
+        target.chmod(0o755)
+    else:
+        target.symlink_to(stub)
+
+
 def prepare_backends(dest: Path, stub_env_unset: tuple[str, ...] = ()) -> Path:
-    """A backend directory with ``python/`` for the running interpreter; returns ``dest``.
+    """A backend directory with ``python/`` for the running interpreter, from the wheel; returns ``dest``.
 
     ``stub_env_unset`` names environment variables the backend stubs must not inherit from
     tritonserver (``LD_PRELOAD`` when the server alone runs on another allocator): the stub is
@@ -112,7 +156,7 @@ def prepare_backends(dest: Path, stub_env_unset: tuple[str, ...] = ()) -> Path:
     """
     root, _ = _pytriton_dirs()
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = root / "python_backend_stubs" / py / "triton_python_backend_stub"
+    stub = root / "python_backend_stubs" / py / STUB_NAME
     if not stub.is_file():
         available = sorted(p.name for p in (root / "python_backend_stubs").iterdir())
         raise ServerError(f"no Python backend stub for Python {py}; the wheel has {available}")
@@ -122,14 +166,30 @@ def prepare_backends(dest: Path, stub_env_unset: tuple[str, ...] = ()) -> Path:
         link = python / src.name
         if not link.exists():
             link.symlink_to(src)
-    target = python / stub.name
-    if target.exists() or target.is_symlink():
-        target.unlink()
-    if stub_env_unset:
-        target.write_text(f"#!/bin/sh\nunset {' '.join(stub_env_unset)}\nexec {shlex.quote(str(stub))} \"$@\"\n")
-        target.chmod(0o755)
-    else:
-        target.symlink_to(stub)
+    _write_stub(python / STUB_NAME, stub, stub_env_unset)
+    return dest
+
+
+def check_backends(backends: Path) -> Path:
+    """``backends`` resolved; ServerError unless it is a Triton backend directory with the Python backend's stub."""
+    backends = Path(backends).resolve()
+    if not (backends / "python" / STUB_NAME).is_file():
+        raise ServerError(f"no Python backend stub in {backends}/python: give tritonserver's backend directory "
+                          "(the NGC image's is /opt/tritonserver/backends), or leave it out to use the nvidia-pytriton wheel's")
+    return backends
+
+
+def wrap_backends(source: Path, dest: Path, stub_env_unset: tuple[str, ...]) -> Path:
+    """``dest`` mirrors the backend directory ``source`` (symlinks), with a Python stub that unsets ``stub_env_unset``."""
+    python = dest / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.name != "python" and not (dest / item.name).exists():
+            (dest / item.name).symlink_to(item)
+    for item in (source / "python").iterdir():
+        if item.name != STUB_NAME and not (python / item.name).exists():
+            (python / item.name).symlink_to(item)
+    _write_stub(python / STUB_NAME, source / "python" / STUB_NAME, stub_env_unset)
     return dest
 
 
@@ -209,20 +269,31 @@ class TritonServer:
         restart_stubs: bool = True,
         restrict_repository_api: bool | None = None,
         server_malloc: str | None = None,
+        *,
+        grpc_address: str | None = None,
+        http_address: str | None = None,
+        metrics_address: str | None = None,
+        tls_client_ca: str | Path | None = None,
+        tritonserver: str | Path | None = None,
+        backends: str | Path | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
+        """``log_file`` "-" leaves tritonserver's log on this process's standard output (a container's log)."""
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
             raise ServerError(f"{self.repository}: no model repository here (build one with wff repo build)")
         self.tls = _tls_files(tls_cert, tls_key)
-        if not _is_loopback(address) and self.tls is None:
-            log.warning("tritonserver will listen on %s without TLS: gRPC, HTTP and metrics are reachable from the network "
-                        "in plain text; give tls_cert/tls_key (wff serve --tls-cert/--tls-key) or keep 127.0.0.1", address)
-        self.address = address
-        restricted = not _is_loopback(address) if restrict_repository_api is None else restrict_repository_api
+        self.tls_client_ca = _tls_client_ca(tls_client_ca, self.tls)
+        self.grpc_address = grpc_address or address
+        self.http_address = http_address or address
+        self.metrics_address = metrics_address or address
+        self._warn_exposed()
+        exposed = not (_is_loopback(self.grpc_address) and _is_loopback(self.http_address))  # both serve the repository API
+        restricted = exposed if restrict_repository_api is None else restrict_repository_api
         self._admin_key = uuid.uuid4().hex if restricted else None
-        self.grpc_port = grpc_port or free_port(address)
-        self.http_port = http_port or free_port(address)
-        self.metrics_port = metrics_port or free_port(address)
+        self.grpc_port = grpc_port or free_port(self.grpc_address)
+        self.http_port = http_port or free_port(self.http_address)
+        self.metrics_port = metrics_port or free_port(self.metrics_address)
         self.log_verbose = log_verbose
         self.startup_timeout_s = startup_timeout_s
         self.shm_default_bytes = shm_default_bytes or shm_bytes_for(self.repository)
@@ -230,15 +301,33 @@ class TritonServer:
         self.exit_timeout_s = exit_timeout_s
         self.server_malloc = server_malloc if server_malloc is not None else server_malloc_for(self.repository)
         self.server_preload = resolve_malloc(self.server_malloc)
+        if self.server_preload is None:
+            log.warning(GLIBC_WARNING, self.server_malloc)
+        self.tritonserver, self._wheel_libs = _tritonserver_binary(tritonserver)
+        self.backends = check_backends(Path(backends)) if backends is not None else None
+        self.extra_args = _check_extra_args(extra_args)
         self._tmp = tempfile.TemporaryDirectory(prefix="wff-triton-")
-        self.log_file = Path(log_file) if log_file else Path(self._tmp.name) / "tritonserver.log"
+        self.log_to_stdout = str(log_file) == "-"
+        self.log_file = Path(log_file) if log_file and not self.log_to_stdout else Path(self._tmp.name) / "tritonserver.log"
         self.process: subprocess.Popen | None = None
         self.startup_s: float | None = None
         self.restart_stubs = restart_stubs
         self.stub_restarts: list[dict] = []  # {"model", "reload_s", "ok"}, one per stub death seen
+        self.failure: str | None = None  # why the watchdog stopped the server
         self._watchdog: threading.Thread | None = None
         self._stopping = threading.Event()
         self._expected_stubs: Counter = Counter()  # model -> stubs running once the server was ready
+
+    def _warn_exposed(self) -> None:
+        """One warning per endpoint that is reachable from the network in plain text."""
+        if not _is_loopback(self.grpc_address) and self.tls is None:
+            log.warning("gRPC will listen on %s without TLS: diagnoses and patient files cross the network in plain text; "
+                        "give tls_cert/tls_key (wff serve --tls-cert/--tls-key) or keep it on 127.0.0.1", self.grpc_address)
+        for name, address, option in (("HTTP", self.http_address, "--http-address"),
+                                      ("metrics", self.metrics_address, "--metrics-address")):
+            if not _is_loopback(address):
+                log.warning("%s will listen on %s without TLS (TLS covers gRPC only): reachable from the network in plain text; "
+                            "keep it on 127.0.0.1 (wff serve %s) unless a proxy in front of it adds TLS", name, address, option)
 
     @property
     def allocator(self) -> str:
@@ -247,42 +336,43 @@ class TritonServer:
 
     @property
     def grpc_url(self) -> str:
-        return f"{self.address}:{self.grpc_port}"
+        return f"{_url_host(self.grpc_address)}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.address}:{self.http_port}"
+        return f"http://{_url_host(self.http_address)}:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.address}:{self.metrics_port}/metrics"
+        return f"http://{_url_host(self.metrics_address)}:{self.metrics_port}/metrics"
 
     def command(self, backend_dir: Path) -> list[str]:
-        root, _ = _pytriton_dirs()
         shm_prefix = f"wff_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        overridden = {a.split("=", 1)[0] for a in self.extra_args}
+        defaults = [f for f in ("--allow-metrics=true", "--allow-gpu-metrics=false", "--exit-on-error=true")
+                    if f.split("=", 1)[0] not in overridden]
         return [
-            str(root / "bin" / "tritonserver"),
+            str(self.tritonserver),
             f"--model-repository={self.repository}",
             f"--backend-directory={backend_dir}",
             f"--backend-config=python,shm-default-byte-size={self.shm_default_bytes}",
             f"--backend-config=python,shm-growth-byte-size={self.shm_growth_bytes}",
             f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
-            f"--http-address={self.address}",
+            f"--http-address={self.http_address}",
             f"--http-port={self.http_port}",
-            f"--grpc-address={self.address}",
+            f"--grpc-address={self.grpc_address}",
             f"--grpc-port={self.grpc_port}",
             *self._tls_flags(),
-            f"--metrics-address={self.address}",
+            f"--metrics-address={self.metrics_address}",
             f"--metrics-port={self.metrics_port}",
-            "--allow-metrics=true",
-            "--allow-gpu-metrics=false",
             "--strict-readiness=true",
             "--model-control-mode=explicit",  # lets the watchdog reload a model whose stub died
             "--load-model=*",
             *self._restriction_flags(),
-            "--exit-on-error=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={self.log_verbose}",
+            *defaults,
+            *self.extra_args,
         ]
 
     @property
@@ -299,33 +389,44 @@ class TritonServer:
         if self.tls is None:
             return []
         cert, key = self.tls
-        return ["--grpc-use-ssl=true", f"--grpc-server-cert={cert}", f"--grpc-server-key={key}"]
+        flags = ["--grpc-use-ssl=true", f"--grpc-server-cert={cert}", f"--grpc-server-key={key}"]
+        if self.tls_client_ca is not None:
+            flags += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={self.tls_client_ca}"]
+        return flags
 
     def environment(self) -> dict[str, str]:
-        _, libs = _pytriton_dirs()
         env = dict(os.environ)
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+        if self._wheel_libs is not None:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(self._wheel_libs), env.get("LD_LIBRARY_PATH", "")) if p)
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
         if self.server_preload is not None:
             env["LD_PRELOAD"] = str(self.server_preload)
         return env
 
+    def _backend_dir(self) -> Path:
+        """The backend directory tritonserver gets: the wheel's or ``backends``, with a stub that clears LD_PRELOAD when preloading."""
+        stub_env_unset = ("LD_PRELOAD",) if self.server_preload is not None else ()
+        dest = Path(self._tmp.name) / "backends"
+        if self.backends is None:
+            return prepare_backends(dest, stub_env_unset)
+        return wrap_backends(self.backends, dest, stub_env_unset) if stub_env_unset else self.backends
+
     def start(self) -> "TritonServer":
         if self.process is not None:
             raise ServerError("this server is already started")
-        stub_env_unset = ("LD_PRELOAD",) if self.server_preload is not None else ()
-        backend_dir = prepare_backends(Path(self._tmp.name) / "backends", stub_env_unset)
+        backend_dir = self._backend_dir()
         started = time.monotonic()
-        with open(self.log_file, "wb") as out:
+        with contextlib.nullcontext() if self.log_to_stdout else open(self.log_file, "wb") as out:
             self.process = subprocess.Popen(
                 self.command(backend_dir),
-                stdout=out,
-                stderr=subprocess.STDOUT,
+                stdout=out,  # None: this process's standard output
+                stderr=None if out is None else subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self.environment(),
                 start_new_session=True,  # its own process group: stop() reaches the backend stubs too
             )
-        log.info("tritonserver pid %d on %s (log %s), allocator %s", self.process.pid, self.repository, self.log_file, self.allocator)
+        log.info("tritonserver pid %d on %s (log %s), allocator %s", self.process.pid, self.repository,
+                 "standard output" if self.log_to_stdout else self.log_file, self.allocator)
         try:
             self._wait_ready(started)
         except BaseException:
@@ -362,6 +463,8 @@ class TritonServer:
         return self.process is not None and self.process.poll() is None
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        if self.log_to_stdout:
+            return "(tritonserver's log is on standard output)"
         try:
             with open(self.log_file, errors="replace") as f:
                 return "".join(deque(f, maxlen=lines)).rstrip()
@@ -376,7 +479,7 @@ class TritonServer:
         stubs = {}
         for pid in child_pids(proc.pid, recursive=False):  # a stub's own short-lived forks share its command line
             if process_name(pid) == STUB_NAME:
-                model = _stub_model(pid)
+                model = stub_model(pid)
                 if model:
                     stubs[pid] = model
         return stubs
@@ -411,8 +514,10 @@ class TritonServer:
         return self.is_ready() and not self.dead_stubs()
 
     def _watch_stubs(self) -> None:
-        """Reload every model whose number of running stubs drops, until the server stops."""
+        """Reload every model whose number of running stubs drops, until the server stops; stop the
+        server when one model's reload fails RELOAD_ATTEMPTS times in a row."""
         expected = self._expected_stubs
+        failed: Counter = Counter()  # model -> failed reloads in a row
         log.info("stub watchdog: %s", dict(expected))
         while not self._stopping.wait(STUB_CHECK_S):
             if not self.is_running():
@@ -422,9 +527,19 @@ class TritonServer:
                 if self._stopping.is_set():
                     return
                 log.error("backend stub of model %r died (%d of %d running); reloading the model", model, current[model], expected[model])
-                self._reload_after_stub_death(model)
+                if self._reload_after_stub_death(model):
+                    failed[model] = 0
+                    continue
+                failed[model] += 1
+                if failed[model] >= RELOAD_ATTEMPTS and not self._stopping.is_set():
+                    self.failure = (f"model {model!r} could not be reloaded after its backend stub died "
+                                    f"({RELOAD_ATTEMPTS} attempts); stopping tritonserver so that it does not report ready "
+                                    f"while every request to {model!r} fails")
+                    log.error("%s", self.failure)
+                    self.stop()
+                    return
 
-    def _reload_after_stub_death(self, model: str) -> None:
+    def _reload_after_stub_death(self, model: str) -> bool:
         started = time.monotonic()
         try:
             self.reload_model(model)
@@ -435,9 +550,13 @@ class TritonServer:
             if not self._stopping.is_set():
                 log.error("%s", e)
         self.stub_restarts.append({"model": model, "reload_s": round(time.monotonic() - started, 3), "ok": ok})
+        return ok
 
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM, wait up to ``timeout_s``, then SIGKILL the process group. Returns the exit code."""
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """SIGTERM, wait up to ``timeout_s`` (default: the exit timeout plus STOP_MARGIN_S, at least
+        STOP_TIMEOUT_S), then SIGKILL the process group. Returns the exit code."""
+        if timeout_s is None:
+            timeout_s = max(STOP_TIMEOUT_S, self.exit_timeout_s + STOP_MARGIN_S)
         self._stopping.set()
         if self.process is None:
             return None
@@ -450,8 +569,8 @@ class TritonServer:
                 log.warning("tritonserver did not stop in %.0f s; killing its process group", timeout_s)
                 os.killpg(proc.pid, signal.SIGKILL)  # the server and its backend stubs
         code = proc.wait()
-        if self._watchdog is not None:  # it ends within a check period now that the server is gone
-            self._watchdog.join(STOP_TIMEOUT_S)
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.join(STOP_TIMEOUT_S)  # it ends within a check period now that the server is gone
             self._watchdog = None
         log.info("tritonserver stopped (exit code %s)", code)
         return code
@@ -483,6 +602,57 @@ def _tls_files(cert: str | Path | None, key: str | Path | None) -> tuple[Path, P
         if not path.is_file():
             raise ServerError(f"{path}: TLS {what} not found")
     return paths
+
+
+def _tls_client_ca(ca: str | Path | None, tls: tuple[Path, Path] | None) -> Path | None:
+    """The CA that client certificates must be signed by (mutual TLS), resolved; None without it."""
+    if ca is None:
+        return None
+    if tls is None:
+        raise ServerError("mutual TLS (a client CA) needs the server's own certificate and key too (tls_cert, tls_key)")
+    path = Path(ca).resolve()
+    if not path.is_file():
+        raise ServerError(f"{path}: TLS client CA certificate not found")
+    return path
+
+
+def wheel_tritonserver() -> tuple[Path, Path]:
+    """(tritonserver executable, the libraries it needs on LD_LIBRARY_PATH) of the nvidia-pytriton wheel."""
+    root, libs = _pytriton_dirs()
+    return root / "bin" / "tritonserver", libs
+
+
+def _tritonserver_binary(binary: str | Path | None) -> tuple[Path, Path | None]:
+    """(tritonserver executable, the wheel's library folder or None): the wheel's by default, else
+    ``binary`` as a path or a name on PATH."""
+    if binary is None:
+        return wheel_tritonserver()
+    found = shutil.which(str(binary))
+    if found is None:
+        raise ServerError(f"tritonserver {str(binary)!r}: no such executable (a path, or a name on PATH; "
+                          "the NGC image's is /opt/tritonserver/bin/tritonserver)")
+    return Path(found).resolve(), None
+
+
+def _check_extra_args(args: Sequence[str]) -> tuple[str, ...]:
+    """``args`` for tritonserver; ServerError for a flag TritonServer sets itself, naming what to use instead."""
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag in OWNED_FLAGS or arg.startswith("--backend-config=python,shm-"):
+            raise ServerError(f"tritonserver argument {arg!r} is set by wff serve itself; use its own option "
+                              "(addresses, ports, --tls-*, --shm-*, --exit-timeout, --log-verbose, --backend-directory)")
+    return tuple(args)
+
+
+def _url_host(address: str) -> str:
+    """Host part of a URL that reaches a server bound to ``address`` from this machine."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # a host name
+        return address
+    if ip.is_unspecified:  # bound to every interface: loopback is one of them
+        return "127.0.0.1" if ip.version == 4 else "[::1]"
+    return f"[{ip}]" if ip.version == 6 else str(ip)
 
 
 def _is_loopback(address: str) -> bool:
@@ -544,7 +714,7 @@ def process_tree_pss(pid: int) -> int:
     return sum(process_pss(p) for p in [pid, *child_pids(pid)])
 
 
-def _stub_model(pid: int) -> str | None:
+def stub_model(pid: int) -> str | None:
     """The model a backend stub serves: its first argument is <repository>/<model>/<version>/model.py."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
