@@ -208,7 +208,8 @@ async def soak(
     def failed(kind: str, e: Exception) -> None:
         failures.setdefault(kind, Counter())[str(e)[:300]] += 1
 
-    async with AsyncDiagnosisClient(url, timeout_s=timeout_s, **(tls or {})) as client:
+    # no retries: a good request that fails once is a failure of the soak, not hidden by a second attempt
+    async with AsyncDiagnosisClient(url, timeout_s=timeout_s, retries=0, **(tls or {})) as client:
         await asyncio.gather(*(client.diagnose(files) for files in patients for _ in range(min(concurrency, 2))))
         started = time.monotonic()
         deadline = started + warmup_s + duration_s
