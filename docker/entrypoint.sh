@@ -83,9 +83,9 @@ prepare() {
 
 serve() {
     prepare
-    # wff serve's own files (the backend directory with the stub wrapper) go where the state is
-    # writable, so the image's root filesystem can stay read-only
-    export TMPDIR="${TMPDIR:-$STATE/tmp}"
+    # wff serve's own files (the backend directory with the stub wrapper) go to /tmp, a tmpfs (compose) or
+    # an emptyDir (Kubernetes), so the image's root filesystem stays read-only and nothing piles up in the state
+    export TMPDIR="${TMPDIR:-/tmp}"
     mkdir -p "$TMPDIR"
     local gpu_metrics=true tls=()
     [[ "$INSTANCE_KIND" == KIND_CPU ]] && gpu_metrics=false

@@ -23,6 +23,7 @@ import struct
 import zlib
 
 from pydicom.datadict import keyword_for_tag
+from pydicom.valuerep import VR
 
 from wff.ensemble.types import InputError
 
@@ -52,11 +53,15 @@ RLE_SYNTAX = "1.2.840.10008.1.2.5"
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 UNDEFINED = 0xFFFFFFFF
 ITEM, ITEM_END, SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
+PIXEL_DATA = (0x7FE0, 0x0010)
 MAX_DEPTH = 16  # nested sequences: real MR objects use 3-4 levels
+# Elements (all levels) a deflated data set may hold: an enhanced MR of 1,000 frames has about 40 per frame.
+MAX_INFLATED_ELEMENTS = 200_000
 # JPEG start-of-frame markers: SOF0-3, 5-7, 9-11, 13-15 (T.81 Table B.1) and JPEG-LS SOF55 (T.87).
 SOF_MARKERS = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7}
 STANDALONE_MARKERS = {0x01, *range(0xD0, 0xDA)}  # TEM, RSTn, SOI, EOI: no length field
 JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+KNOWN_VRS = {vr.value.encode() for vr in VR}
 
 
 def _tag_name(tag: tuple[int, int]) -> str:
@@ -64,34 +69,41 @@ def _tag_name(tag: tuple[int, int]) -> str:
     return f"({tag[0]:04X},{tag[1]:04X}) {keyword}"
 
 
-def _file_meta(name: str, data: bytes) -> tuple[dict[tuple[int, int], tuple[int, int, int]], int]:
-    """File meta elements of a Part 10 file: {tag: (element offset, value offset, value length)} and
-    the offset where the data set starts. Group 0002 is always Explicit VR Little Endian."""
-    elements, pos = {}, PREAMBLE + len(MAGIC)
+def _file_meta(name: str, data: bytes) -> tuple[dict[tuple[int, int], tuple[int, int, int]], int, bool]:
+    """File meta elements of a Part 10 file: {tag: (element offset, value offset, value length)}, the
+    offset where the data set starts, and whether group 0002 is Explicit VR Little Endian as PS3.10
+    requires. Like pydicom, a group whose first element has no valid VR is read as implicit VR."""
+    start = PREAMBLE + len(MAGIC)
+    explicit = data[start + 4 : start + 6] in KNOWN_VRS
+    elements, pos = {}, start
     while pos + 8 <= len(data):
         group, element = struct.unpack_from("<HH", data, pos)
         if group != 0x0002:
             break
-        vr = data[pos + 4 : pos + 6]
-        if vr in LONG_VRS:
-            (length,) = struct.unpack_from("<L", data, pos + 8)
-            value = pos + 12
+        vr = data[pos + 4 : pos + 6] if explicit else b""
+        if not explicit or vr in LONG_VRS:
+            header = 8 if not explicit else 12
+            if pos + header > len(data):
+                raise InputError(f"{name}: file truncated inside the file meta information at {_tag_name((group, element))}; "
+                                 "send the complete file")
+            (length,) = struct.unpack_from("<L", data, pos + header - 4)
         else:
+            header = 8
             (length,) = struct.unpack_from("<H", data, pos + 6)
-            value = pos + 8
+        value = pos + header
         if length == UNDEFINED or value + length > len(data):
             raise InputError(f"{name}: truncated or malformed file meta information at {_tag_name((group, element))}; "
                              "send the complete file")
         elements[(group, element)] = (pos, value, length)
         pos = value + length
-    return elements, pos
+    return elements, pos, explicit
 
 
 def transfer_syntax(name: str, data: bytes) -> str | None:
     """The TransferSyntaxUID of a Part 10 file's meta information (None without one)."""
     if data[PREAMBLE : PREAMBLE + len(MAGIC)] != MAGIC:
         return None
-    elements, _ = _file_meta(name, data)
+    elements, _, _ = _file_meta(name, data)
     found = elements.get((0x0002, 0x0010))
     if found is None:
         return None
@@ -103,19 +115,32 @@ def inflate_bounded(name: str, data: bytes, budget: int) -> bytes:
     """A Deflated Explicit VR Little Endian file as the same file in Explicit VR Little Endian.
 
     The data set is inflated to at most ``budget`` bytes; a file that inflates beyond it raises
-    InputError before more memory is spent. Files in any other transfer syntax come back as they are.
+    InputError before more memory is spent. The inflated data set may hold at most
+    ``MAX_INFLATED_ELEMENTS`` elements (walked before pydicom parses it, which costs it seconds
+    per million): deflate shrinks a run of tiny elements a thousandfold. Files in any other
+    transfer syntax come back as they are.
     """
     if transfer_syntax(name, data) != DEFLATED:
         return data
-    elements, start = _file_meta(name, data)
+    elements, start, explicit = _file_meta(name, data)
+    if not explicit:  # pydicom would read it, and inflate without a bound
+        raise InputError(f"{name}: deflated file whose file meta information is not Explicit VR Little Endian as PS3.10 "
+                         "requires; the file is malformed, send it again from the scanner or PACS")
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as PS3.5 A.5 specifies
     try:
-        body = inflater.decompress(data[start:], budget + 1)
+        body = inflater.decompress(memoryview(data)[start:], budget + 1)
     except zlib.error as e:
         raise InputError(f"{name}: Deflated Explicit VR data set does not inflate ({e}); the file is damaged, send it again") from e
     if len(body) > budget:
         raise InputError(f"{name}: Deflated Explicit VR data set inflates beyond the {budget} bytes left of the request's "
                          "limit (serving.max_bytes); send the study uncompressed or split it")
+    try:
+        _walk(body, 0, len(body), False, True, 0, None, _Count(MAX_INFLATED_ELEMENTS))
+    except _Truncated as e:
+        raise InputError(f"{name}: Deflated Explicit VR data set is malformed ({e}); send the file again") from None
+    except _TooMany:
+        raise InputError(f"{name}: Deflated Explicit VR data set holds more than {MAX_INFLATED_ELEMENTS} elements, far more "
+                         "than an MR image has; the file is malformed or crafted, send it uncompressed") from None
     ts_pos, ts_value, ts_length = elements[(0x0002, 0x0010)]
     uid = EXPLICIT_LE.encode() + b"\0"  # even length, NUL padded (PS3.5 9.1)
     meta = bytearray(data[:ts_pos + 6] + struct.pack("<H", len(uid)) + uid + data[ts_value + ts_length : start])
@@ -123,7 +148,7 @@ def inflate_bounded(name: str, data: bytes, budget: int) -> bytes:
         _, gl_value, _ = elements[(0x0002, 0x0000)]
         (group_length,) = struct.unpack_from("<L", data, gl_value)
         struct.pack_into("<L", meta, gl_value, group_length + len(uid) - ts_length)
-    return bytes(meta) + body
+    return b"".join((meta, body))
 
 
 def truncation(name: str, data: bytes) -> str | None:
@@ -132,10 +157,9 @@ def truncation(name: str, data: bytes) -> str | None:
     syntax = transfer_syntax(name, data)
     if syntax is None:
         return None
-    _, start = _file_meta(name, data)
-    implicit, little = syntax == IMPLICIT_LE, syntax != EXPLICIT_BE
+    _, start, _ = _file_meta(name, data)
     try:
-        _walk(data, start, len(data), implicit, little, 0, None)
+        _walk(data, start, len(data), syntax == IMPLICIT_LE, syntax != EXPLICIT_BE, 0, None)
     except _Truncated as t:
         return str(t)
     return None
@@ -145,13 +169,31 @@ class _Truncated(Exception):
     pass
 
 
-def _walk(data: bytes, pos: int, end: int, implicit: bool, little: bool, depth: int, stop: tuple[int, int] | None) -> int:
-    """Walk elements from ``pos`` up to ``end`` or the delimiter ``stop``; returns the offset after it."""
+class _TooMany(Exception):
+    pass
+
+
+class _Count:
+    """How many more elements a walk may visit."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+
+def _walk(data: bytes, pos: int, end: int, implicit: bool, little: bool, depth: int, stop: tuple[int, int] | None,
+          count: _Count | None = None, items_are_datasets: bool = True) -> int:
+    """Walk element headers from ``pos`` up to ``end`` or the delimiter ``stop`` without converting a value;
+    returns the offset after it. Sequences and their items are descended (defined-length ones when the VR
+    says SQ), the items of encapsulated pixel data are skipped as fragments. _TooMany once ``count`` runs out."""
     if depth > MAX_DEPTH:
         raise _Truncated(f"sequences nested deeper than {MAX_DEPTH} levels")
     order = "<" if little else ">"
     last = None
     while pos < end:
+        if count is not None:
+            count.left -= 1
+            if count.left < 0:
+                raise _TooMany
         if pos + 8 > len(data):
             after = f" after {_tag_name(last)}" if last else ""
             raise _Truncated(f"inside the header of the element{after}: {len(data) - pos} of 8 bytes present")
@@ -174,14 +216,17 @@ def _walk(data: bytes, pos: int, end: int, implicit: bool, little: bool, depth: 
             return value
         if length == UNDEFINED:
             if tag == ITEM:  # an item of undefined length ends with an item delimiter
-                pos = _walk(data, value, len(data), implicit, little, depth + 1, ITEM_END)
+                pos = _walk(data, value, len(data), implicit, little, depth + 1, ITEM_END, count)
             elif vr == b"UN":  # undefined-length UN holds implicit VR little endian (PS3.5 6.2.2)
-                pos = _walk(data, value, len(data), True, True, depth + 1, SEQUENCE_END)
-            else:  # a sequence, or encapsulated pixel data: items until a sequence delimiter
-                pos = _walk(data, value, len(data), implicit, little, depth + 1, SEQUENCE_END)
+                pos = _walk(data, value, len(data), True, True, depth + 1, SEQUENCE_END, count)
+            else:  # a sequence, or encapsulated pixel data (fragments): items until a sequence delimiter
+                fragments = tag == PIXEL_DATA or vr in (b"OB", b"OW")
+                pos = _walk(data, value, len(data), implicit, little, depth + 1, SEQUENCE_END, count, not fragments)
         else:
             if value + length > len(data):
                 raise _Truncated(f"inside {_tag_name(tag)}: {length} bytes declared, {max(len(data) - value, 0)} present")
+            if (vr == b"SQ" and not implicit) or (tag == ITEM and items_are_datasets and group == 0xFFFE):
+                _walk(data, value, value + length, implicit, little, depth + 1, None, count)
             pos = value + length
         last = tag
     if stop is not None:

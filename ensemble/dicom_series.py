@@ -265,8 +265,8 @@ def _parse(name: str, data: bytes) -> Dataset:
         raise InputError(f"{name}: not a DICOM file (no DICM preamble); send DICOM Part 10 files only") from e
     except Exception as e:  # pydicom raises many types on damaged files; the cause is chained
         cut = dicom_guard.truncation(name, data)
-        tag = re.search(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)", str(e))
-        where = f" at element ({tag.group(1).upper()},{tag.group(2).upper()})" if tag else ""
+        tag = _tag_of(e)
+        where = f" at element {tag}" if tag.startswith("(") else ""
         why = f"truncated {cut}" if cut else f"unreadable DICOM{where} ({type(e).__name__})"
         raise InputError(f"{name}: {why}; the file may be damaged or cut short, send it again") from e
     if _is_dicomdir(ds):
@@ -303,6 +303,9 @@ def _declared_frames(name: str, ds: Dataset) -> int:
                     if frames > 1 else f"Rows {rows} x Columns {cols} x {bits} bits needs {need} bytes of pixel data")
             raise InputError(f"{name}: {what}, the file holds {have} (truncated inside (7FE0,0010) PixelData, "
                              "or a malformed header); send the complete file again")
+        if need and have > 2 * need:  # padding is a few bytes; more would be decoded as frames the header does not declare
+            raise InputError(f"{name}: PixelData holds {have} bytes, more than twice the {need} that NumberOfFrames, Rows, "
+                             "Columns and BitsAllocated declare; the header is malformed, send the file again")
     return frames
 
 
@@ -330,7 +333,9 @@ def _check_codestreams(name: str, ds: Dataset, frames: int) -> None:
     samples, bits = header_int(name, ds, "SamplesPerPixel", 1), header_int(name, ds, "BitsAllocated", 16)
     found = 0
     try:
-        for found, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames), start=1):
+        # the frames the decoder will read: pydicom follows the Extended Offset Table when the file has one
+        extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths) if "ExtendedOffsetTable" in ds else None
+        for found, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames, extended_offsets=extended), start=1):
             c_rows, c_cols, c_samples = dicom_guard.codestream_shape(f"{name} frame {found}", syntax, frame, bits)
             if syntax == dicom_guard.RLE_SYNTAX:
                 c_rows, c_cols = rows, cols  # RLE carries no dimensions; its segment count was checked
@@ -425,8 +430,14 @@ def _skip_reason(members: list[_Instance], limits: ServingConfig) -> str | None:
         return _rule_skip_reason(members, limits)
     except InputError:
         raise
-    except (ValueError, TypeError, KeyError) as e:  # malformed DS values: pydicom keeps them as text
-        return f"unreadable header value ({type(e).__name__}) in {members[0].name}"
+    except (ValueError, TypeError, KeyError) as e:  # a malformed value pydicom kept as text
+        return f"unreadable header value in {members[0].name} ({type(e).__name__}: {_tag_of(e)})"
+
+
+def _tag_of(error: Exception) -> str:
+    """The tag an exception's message names, e.g. "(0018,0080)", else "tag not named"."""
+    tag = re.search(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)", str(error))
+    return f"({tag.group(1).upper()},{tag.group(2).upper()})" if tag else "tag not named"
 
 
 def orientation_reason(normal: np.ndarray) -> str | None:
@@ -463,22 +474,18 @@ def _rule_skip_reason(members: list[_Instance], limits: ServingConfig) -> str | 
     reason = orientation_reason(normal)
     if reason:
         return reason
-    _check_series_slices(members, limits)  # before the per-frame loop below
+    if classify_sequence(first)[0] is None:
+        return "sequence type (T1/T2/STIR) not recognised from SeriesDescription or TR/TE/TI"
+    n_slices = sum(m.frames for m in members)
+    if n_slices > limits.max_slices:  # checked before the per-frame loop below
+        return (f"{n_slices} slices (files and their NumberOfFrames), more than the {limits.max_slices} a patient may have "
+                "(serving.max_slices)")
     for member in members:
         for frame in range(member.frames):
             other = slice_normal(member.ds, frame)
             if other is None or abs(float(np.dot(normal, other))) < SAME_ORIENTATION_COS:
                 return "slices with different or unreadable orientations (ImageOrientationPatient) in one series"
-    if classify_sequence(first)[0] is None:
-        return "sequence type (T1/T2/STIR) not recognised from SeriesDescription or TR/TE/TI"
     return None
-
-
-def _check_series_slices(members: list[_Instance], limits: ServingConfig) -> None:
-    n_slices = sum(m.frames for m in members)
-    if n_slices > limits.max_slices:
-        raise InputError(f"{n_slices} sagittal slices exceed the limit of {limits.max_slices} per patient (serving.max_slices) in "
-                         f"the series of {members[0].name} alone (files and their NumberOfFrames); send fewer slices")
 
 
 def _check_request(files: Sequence[tuple[str, bytes]], limits: ServingConfig) -> None:

@@ -67,8 +67,8 @@ def bad_requests(files: list[tuple[str, bytes]]) -> dict[str, tuple[list, float 
         "too many files": (files + extra, None, rf"{LIMITED_SERVING['max_files'] + 1} files exceed the limit of {LIMITED_SERVING['max_files']} .*serving.max_files"),
         "too many bytes": (files[:1] + [("huge.dcm", b"\0" * LIMITED_SERVING["max_bytes"])], None,
                            rf"bytes exceed the limit of {LIMITED_SERVING['max_bytes']} .*serving.max_bytes"),
-        "too many slices": (many_slices, None, rf"{LIMITED_SERVING['max_slices'] + 1} sagittal slices exceed the limit of "
-                                               rf"{LIMITED_SERVING['max_slices']} .*serving.max_slices"),
+        "too many slices": (many_slices, None, rf"no usable .*: {LIMITED_SERVING['max_slices'] + 1} slices .*, more than the "
+                                               rf"{LIMITED_SERVING['max_slices']} a patient may have \(serving.max_slices\)"),
         "too many pixels": (replaced(rewrite_dicom(data, big_slices)), None,
                             rf"{FILES_INPUT}\[{k}\]: \d+x\d+ pixels exceed the limit of {LIMITED_SERVING['max_pixels_per_slice']} .*serving.max_pixels_per_slice"),
     }

@@ -611,7 +611,10 @@ class TestKubernetesManifests:
         pod_labels = manifests["Deployment/spine-wff"]["spec"]["template"]["metadata"]["labels"]
         assert policy["podSelector"]["matchLabels"] == pod_labels
         assert policy["policyTypes"] == ["Ingress", "Egress"] and policy["egress"] == []
-        opened = {p["port"]: rule["from"] for rule in policy["ingress"] for p in rule["ports"]}
+        named = {port["name"]: port["containerPort"] for container in manifests["Deployment/spine-wff"]["spec"]["template"]["spec"]["containers"]
+                 for port in container.get("ports", [])}
+        # named ports, resolved to what the server listens on, so a changed Service port cannot open or close anything
+        opened = {named[p["port"]]: rule["from"] for rule in policy["ingress"] for p in rule["ports"]}
         assert set(opened) == {TRITON_PORTS["grpc"], TRITON_PORTS["metrics"]}
         clients = opened[TRITON_PORTS["grpc"]]
         assert [set(peer) for peer in clients] == [{"podSelector"}, {"namespaceSelector"}]

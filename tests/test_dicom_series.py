@@ -352,13 +352,29 @@ class TestRejections:
     @pytest.mark.parametrize("limits,match", [
         (ServingConfig(max_files=2), "3 files exceed the limit of 2 .*serving.max_files"),
         (ServingConfig(max_bytes=1000), "bytes exceed the limit of 1000 .*serving.max_bytes"),
-        (ServingConfig(max_slices=2), "3 sagittal slices exceed the limit of 2 .*serving.max_slices"),
+        (ServingConfig(max_slices=2), r"no usable .*: 3 slices \(files and their NumberOfFrames\), more than the 2 .*serving.max_slices"),
         (ServingConfig(max_pixels_per_slice=10), "a: 8x8 pixels exceed the limit of 10 .*serving.max_pixels_per_slice"),
     ])
     def test_limits(self, limits, match):
         """Each request limit is enforced with the setting's name."""
         with pytest.raises(InputError, match=match):
             read_study([("a", mr_bytes()), ("b", mr_bytes(x_mm=4)), ("c", mr_bytes(x_mm=8))], limits)
+
+    def test_slices_of_all_series_together(self):
+        """Two series within the slice limit each but over it together: the request is refused."""
+        files = [("a", mr_bytes()), ("b", mr_bytes(x_mm=4)),
+                 ("c", mr_bytes(series_uid="2", series_number=4, description="T1 SAG")),
+                 ("d", mr_bytes(series_uid="2", series_number=4, description="T1 SAG", x_mm=4))]
+        with pytest.raises(InputError, match="4 sagittal slices exceed the limit of 3 .*serving.max_slices"):
+            read_study(files, ServingConfig(max_slices=3))
+
+    def test_series_over_the_slice_limit_is_skipped(self):
+        """A series with more slices than a patient may have is skipped with the reason; the others are read."""
+        files = [("a", mr_bytes()), ("b", mr_bytes(x_mm=4)), ("c", mr_bytes(x_mm=8)),
+                 ("d", mr_bytes(series_uid="2", series_number=4, description="T1 SAG"))]
+        study = read_study(files, ServingConfig(max_slices=2))
+        assert [s.files for s in study.series] == [("d",)]
+        assert "3 slices (files and their NumberOfFrames), more than the 2" in study.skipped[0]["reason"]
 
 
 class TestReadStudyDir:

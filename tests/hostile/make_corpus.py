@@ -95,7 +95,7 @@ def compressed(syntax, patch=None) -> bytes:
         frame = buf.getvalue()
         ds.file_meta.TransferSyntaxUID = syntax
     else:
-        ds.compress(syntax, encoding_plugin="pyjpegls" if syntax == JPEGLSLossless else "")
+        ds.compress(syntax, encoding_plugin="pyjpegls" if syntax == JPEGLSLossless else "", generate_instance_uid=False)
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     ds.PixelData = encapsulate([patch(frame) if patch else frame])
     ds["PixelData"].VR = "OB"
@@ -157,6 +157,52 @@ def deflate_bomb() -> bytes:
     return meta + b"".join(body)
 
 
+def deflated(head: bytes, meta_explicit: bool = True) -> bytes:
+    """A Deflated Explicit VR file: the slice's file meta (or the same meta in implicit VR, which PS3.10
+    forbids and pydicom accepts) followed by ``head`` deflated."""
+    ds = slice_dataset()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    header = io.BytesIO()
+    header.write(b"\0" * 128 + b"DICM")
+    if meta_explicit:
+        pydicom.filewriter.write_file_meta_info(header, ds.file_meta, enforce_standard=True)
+    else:
+        meta = Dataset()
+        meta.update(ds.file_meta)
+        body = io.BytesIO()
+        for elem in meta:
+            value = elem.value.encode() if isinstance(elem.value, str) else bytes(elem.value)
+            value += b"\0" * (len(value) % 2)
+            body.write(struct.pack("<HHL", elem.tag.group, elem.tag.element, len(value)) + value)
+        header.write(body.getvalue())
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return header.getvalue() + deflater.compress(head) + deflater.flush()
+
+
+def tiny_elements(count: int) -> bytes:
+    """The slice's data set with ``count`` empty private elements of 8 bytes each (a bomb of elements, not of bytes)."""
+    explicit = part10(slice_dataset())
+    head = explicit[explicit.index(b"\x08\x00\x16\x00"):]
+    pixel_at = head.index(b"\xe0\x7f\x10\x00")
+    element = b"\x09\x00\x10\x10UL\x00\x00"  # (0009,1010) UL, empty, repeated
+    return head[:pixel_at] + element * count + head[pixel_at:]
+
+
+def extended_offsets_case() -> bytes:
+    """JPEG with two fragments: the Basic Offset Table path gives a good 48 x 48 frame, the Extended Offset
+    Table (which the decoder follows) a frame declaring 30000 x 30000."""
+    good = pydicom.dcmread(io.BytesIO(compressed(JPEGBaseline8Bit)))
+    frame = next(generate_frames(good.PixelData, number_of_frames=1))
+    bad = sof_declares(HUGE)(frame)
+    bad += b"\0" * (len(bad) % 2)
+    good.PixelData = encapsulate([frame + b"\0" * (len(frame) % 2)]) + b"\xfe\xff\x00\xe0" + struct.pack("<L", len(bad)) + bad
+    good["PixelData"].VR = "OB"
+    first = 8 + len(frame) + len(frame) % 2  # offset of the second fragment's item, from the first fragment's item
+    good.ExtendedOffsetTable = struct.pack("<Q", first)
+    good.ExtendedOffsetTableLengths = struct.pack("<Q", len(bad))
+    return part10(good)
+
+
 def oblique(degrees: float) -> list[float]:
     """ImageOrientationPatient of a sagittal slice tilted ``degrees`` about the patient's z axis."""
     a = math.radians(degrees)
@@ -186,12 +232,37 @@ def cases() -> dict[str, dict]:
         "frames_2e31_jpegls": {
             "what": "a compressed sagittal file declaring NumberOfFrames 2^31-1 with one frame",
             "files": {"frames.dcm": part10(enhanced)},
-            "expect": r"2147483647 sagittal slices exceed the limit of \d+ per patient \(serving.max_slices\)",
+            "expect": r"2147483647 slices \(files and their NumberOfFrames\), more than the \d+ a patient may have \(serving.max_slices\)",
             "names": 0},
         "deflate_bomb": {
             "what": "a Deflated Explicit VR file of about 1 MB that inflates to 1 GiB",
             "files": {"bomb.dcm": deflate_bomb()},
             "expect": r"Deflated Explicit VR data set inflates beyond the \d+ bytes left of the request's limit \(serving.max_bytes\)",
+            "names": 0},
+        "deflate_implicit_meta": {
+            "what": "a deflated file whose file meta is implicit VR (pydicom would inflate it without a bound)",
+            "files": {"meta.dcm": deflated(bytes(16 * 1024 * 1024), meta_explicit=False)},
+            "expect": r"deflated file whose file meta information is not Explicit VR Little Endian",
+            "names": 0},
+        "deflate_tiny_elements": {
+            "what": "a deflated file of a few KB holding 250,000 empty elements (2 MB inflated)",
+            "files": {"elements.dcm": deflated(tiny_elements(250_000))},
+            "expect": r"holds more than 200000 elements",
+            "names": 0},
+        "truncated_in_file_meta": {
+            "what": "a file cut short inside a long element header of its file meta information",
+            "files": {"cut.dcm": good[:good.index(b"\x02\x00\x01\x00OB") + 10]},
+            "expect": r"file truncated inside the file meta information at \(0002,0001\)",
+            "names": 0},
+        "excess_pixel_data": {
+            "what": "a single-frame header whose native pixel data holds 64 frames",
+            "files": {"excess.dcm": part10(slice_dataset(PixelData=bytes(64 * SIZE * SIZE * 2)))},
+            "expect": r"PixelData holds 294912 bytes, more than twice the 4608",
+            "names": 0},
+        "jpeg_extended_offsets": {
+            "what": "JPEG whose Extended Offset Table points the decoder at a frame declaring 30000 x 30000",
+            "files": {"eot.dcm": extended_offsets_case()},
+            "expect": r"frame 1: the compressed frame declares 30000x30000 pixels",
             "names": 0},
         "jpeg_sof_huge": {
             "what": "a JPEG baseline frame whose SOF declares 30000 x 30000 pixels, header 48 x 48",
@@ -267,16 +338,22 @@ def cases() -> dict[str, dict]:
     }
 
 
-def main() -> None:
+def write(out: Path) -> dict:
+    """Write every case under ``out`` (a folder per case and cases.json); returns the manifest."""
     manifest = {}
     for name, case in cases().items():
-        folder = HERE / name
+        folder = out / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
         for file_name, data in case["files"].items():
             (folder / file_name).write_bytes(data)
         manifest[name] = {"what": case["what"], "expect": case["expect"], "names": case["names"]}
-    (HERE / "cases.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / "cases.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def main() -> None:
+    manifest = write(HERE)
     total = sum(f.stat().st_size for f in HERE.rglob("*.dcm"))
     print(f"wrote {len(manifest)} cases ({total} bytes) to {HERE}")
 

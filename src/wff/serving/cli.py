@@ -51,10 +51,6 @@ def trained_serving_for_click(artifacts: Path | None, overrides: tuple[str, ...]
         raise click.ClickException(str(e)) from e
 
 
-class StopRequested(Exception):
-    """SIGINT or SIGTERM while tritonserver was still starting (the signal's name)."""
-
-
 @click.group()
 def repo() -> None:
     """Triton model repositories."""
@@ -101,7 +97,7 @@ def build(out: Path, target: str, artifacts: Path | None, profile_name: str, ins
               help="Write the server log here (default: a temporary file; - for standard output).")
 @click.option("--timeout", "startup_timeout", default=STARTUP_TIMEOUT_S, show_default=True, help="Seconds to wait for the server to be ready.")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="PEM server certificate: gRPC over TLS (clients: --ssl --root-certificates). Needs --tls-key.")
+              help="PEM server certificate: gRPC over TLS (clients: --tls-ca). Needs --tls-key.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="PEM private key of --tls-cert.")
 @click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="PEM CA certificate: mutual TLS, only clients with a certificate it signed are served (clients: "
@@ -127,7 +123,7 @@ def serve(repository: Path | None, artifacts: Path | None, address: str, grpc_ad
     TRITON_ARGS (after --, e.g. -- --allow-gpu-metrics=true) go to tritonserver unchanged.
     """
     from wff.serving.repository import build_repository
-    from wff.serving.server import ServerError, TritonServer
+    from wff.serving.server import ServerError, StartCancelled, TritonServer
 
     if (repository is None) == (artifacts is None):
         raise click.UsageError("give exactly one of --repository DIR or --artifacts DIR")
@@ -151,21 +147,16 @@ def serve(repository: Path | None, artifacts: Path | None, address: str, grpc_ad
                                   extra_args=triton_args)
         except ServerError as e:
             raise click.ClickException(str(e)) from e
-        stop, starting = threading.Event(), threading.Event()
+        stop, received = threading.Event(), []
 
         def on_signal(signum, _frame) -> None:
+            received.append(signal.Signals(signum).name)
             stop.set()
-            if starting.is_set():  # interrupt the wait for readiness (once); start() then stops tritonserver
-                starting.clear()
-                raise StopRequested(signal.Signals(signum).name)
+            server.cancel_start.set()  # while starting: start() stops tritonserver and raises StartCancelled
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            starting.set()
-            try:
-                server.start()
-            finally:
-                starting.clear()
+            server.start()
             tls = " (mutual TLS)" if server.tls_client_ca else " (TLS)" if server.tls else ""
             click.echo(f"tritonserver ready in {server.startup_s:.1f} s (repository {repository})")
             click.echo(f"  gRPC     {server.grpc_address}:{server.grpc_port}{tls}")
@@ -177,8 +168,8 @@ def serve(repository: Path | None, artifacts: Path | None, address: str, grpc_ad
                 if not server.is_running():
                     raise click.ClickException(server.failure or f"tritonserver exited; last log lines:\n{server.log_tail()}")
             click.echo("stopping tritonserver", err=True)
-        except StopRequested as e:
-            click.echo(f"{e} while tritonserver was starting: stopped it", err=True)
+        except StartCancelled:
+            click.echo(f"{received[0]} while tritonserver was starting: stopped it", err=True)
         except ServerError as e:
             raise click.ClickException(str(e)) from e
         finally:

@@ -123,6 +123,10 @@ class ServerError(RuntimeError):
     """tritonserver failed to start, died, or is missing from this environment."""
 
 
+class StartCancelled(ServerError):
+    """``cancel_start`` was set (a signal, for ``wff serve``) while tritonserver was starting; it was stopped."""
+
+
 def _pytriton_dirs() -> tuple[Path, Path]:
     """(pytriton/tritonserver, nvidia_pytriton.libs) of the installed wheel."""
     try:
@@ -316,6 +320,8 @@ class TritonServer:
         self.failure: str | None = None  # why the watchdog stopped the server
         self._watchdog: threading.Thread | None = None
         self._stopping = threading.Event()
+        self.cancel_start = threading.Event()  # set from a signal handler: start() stops tritonserver and raises StartCancelled
+        self._stop_lock = threading.Lock()  # one stop at a time: the watchdog's and close()'s
         self._expected_stubs: Counter = Counter()  # model -> stubs running once the server was ready
 
     def _warn_exposed(self) -> None:
@@ -443,6 +449,8 @@ class TritonServer:
 
     def _wait_ready(self, started: float) -> None:
         while True:
+            if self.cancel_start.is_set():
+                raise StartCancelled("stopped while tritonserver was starting")
             code = self.process.poll()
             if code is not None:
                 raise ServerError(f"tritonserver exited with code {code} during startup; last log lines:\n{self.log_tail()}")
@@ -558,21 +566,22 @@ class TritonServer:
         if timeout_s is None:
             timeout_s = max(STOP_TIMEOUT_S, self.exit_timeout_s + STOP_MARGIN_S)
         self._stopping.set()
-        if self.process is None:
-            return None
-        proc, self.process = self.process, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("tritonserver did not stop in %.0f s; killing its process group", timeout_s)
-                os.killpg(proc.pid, signal.SIGKILL)  # the server and its backend stubs
-        code = proc.wait()
+        with self._stop_lock:  # a second caller waits until tritonserver has exited, then finds nothing to stop
+            proc, code = self.process, None
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(timeout_s)
+                    except subprocess.TimeoutExpired:
+                        log.warning("tritonserver did not stop in %.0f s; killing its process group", timeout_s)
+                        os.killpg(proc.pid, signal.SIGKILL)  # the server and its backend stubs
+                code = proc.wait()
+                self.process = None
+                log.info("tritonserver stopped (exit code %s)", code)
         if self._watchdog is not None and self._watchdog is not threading.current_thread():
             self._watchdog.join(STOP_TIMEOUT_S)  # it ends within a check period now that the server is gone
             self._watchdog = None
-        log.info("tritonserver stopped (exit code %s)", code)
         return code
 
     def close(self) -> None:
