@@ -33,7 +33,7 @@ import numpy as np
 
 from wff.client.metrics import custom_counters, delta, fetch_metrics, per_model, summarise
 from wff.contracts import ENSEMBLE_NAME
-from wff.serving.server import process_tree_pss
+from wff.processes import process_tree_pss
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ import numpy as np
 import pydicom
 
 from wff.client.grpc_client import AsyncDiagnosisClient, DiagnosisError, RejectedInput
-from wff.serving.server import listening_sockets, process_name, process_tree_pss
+from wff.processes import listening_sockets, process_name, process_tree_pss
 
 Files = list[tuple[str, bytes]]
 MIB = 1024 * 1024

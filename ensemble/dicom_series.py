@@ -31,10 +31,10 @@ Rules, as a reading workstation applies them:
 * pixels go through pydicom's :func:`~pydicom.pixels.apply_modality_lut`; MONOCHROME1 is
   inverted over its representable range so that high values are bright in every slice;
 * enhanced (multi-frame) MR is read frame by frame from its functional groups;
-* limits are checked on headers before any pixel is decoded: NumberOfFrames against the pixel
-  data the file holds, the slices of a sagittal series against ``serving.max_slices``, the
-  selected series against the classifier's batch, and every compressed frame's own codestream
-  header (JPEG, JPEG-LS, JPEG 2000, RLE) against Rows, Columns and SamplesPerPixel.
+* limits are checked on headers before any pixel is decoded: the slices of a sagittal series
+  against ``serving.max_slices``, the selected series against the classifier's batch, and
+  (:mod:`wff.ensemble.dicom_pixels`) NumberOfFrames against the pixel data the file holds and
+  every compressed frame's own codestream header against Rows, Columns and SamplesPerPixel.
 
 Problems with a file raise :class:`InputError` naming the file (its name in the request, never
 a patient identifier) and what to do. Skipped series are reported with their reason. Nothing
@@ -58,13 +58,12 @@ import numpy as np
 import pydicom
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut
 
 from wff.config import ServingConfig
 from wff.ensemble import dicom_guard
+from wff.ensemble.dicom_pixels import declared_frames, decode_pixels
+from wff.ensemble.dicom_tags import attribute, header_int, integer, number
 from wff.ensemble.types import InputError, Series, Study
 
 log = logging.getLogger(__name__)
@@ -115,16 +114,6 @@ IMAGE_TYPE_SKIP_RULES: tuple[dict, ...] = (
 WATER_IMAGE_TYPES = {"WATER"}
 REFORMAT_IMAGE_TYPES = {"MPR", "MIP", "PROJECTION IMAGE", "SUBTRACTION", "REFORMATTED"}
 # Enhanced (multi-frame) MR keeps these attributes in functional-group sequences.
-FUNCTIONAL_GROUPS = {
-    "ImageOrientationPatient": "PlaneOrientationSequence",
-    "ImagePositionPatient": "PlanePositionSequence",
-    "PixelSpacing": "PixelMeasuresSequence",
-    "RescaleSlope": "PixelValueTransformationSequence",
-    "RescaleIntercept": "PixelValueTransformationSequence",
-    "RepetitionTime": "MRTimingAndRelatedParametersSequence",
-    "EffectiveEchoTime": "MREchoSequence",
-    "InversionTimes": "MRModifierSequence",
-}
 AGE_UNITS = {"D": 365.25, "W": 365.25 / 7, "M": 12.0, "Y": 1.0}  # DICOM AS unit -> per year
 
 
@@ -145,55 +134,6 @@ def parse_age(text: str) -> float:
     if match is None:
         raise InputError(f"PatientAge {text!r} is not a DICOM age string such as 045Y, 006M, 012W or 030D")
     return int(match.group(1)) / AGE_UNITS[match.group(2).upper()]
-
-
-def _item(sequence, index: int) -> Dataset | None:
-    if sequence is None or len(sequence) <= index:
-        return None
-    return sequence[index]
-
-
-def attribute(ds: Dataset, keyword: str, frame: int = 0):
-    """A tag's value: top level, else the per-frame then shared functional groups; None if absent."""
-    if keyword in ds:
-        return ds[keyword].value
-    group = FUNCTIONAL_GROUPS.get(keyword)
-    if group is None:
-        return None
-    for container in (_item(ds.get("PerFrameFunctionalGroupsSequence"), frame), _item(ds.get("SharedFunctionalGroupsSequence"), 0)):
-        item = _item(container.get(group), 0) if container is not None else None
-        if item is not None and keyword in item:
-            return item[keyword].value
-    return None
-
-
-def _float(value) -> float | None:
-    if value is None or value == "":
-        return None
-    try:
-        return float(value[0] if isinstance(value, (list, tuple, MultiValue)) else value)
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
-def _int(value) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def header_int(name: str, ds: Dataset, keyword: str, default: int | None = None) -> int | None:
-    """An integer (IS/US) tag of ``ds``; ``default`` when absent or empty; InputError naming the file and tag when malformed."""
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        shown = str(value)[:16]  # technical tags only: an integer string, never an identifier
-        raise InputError(f"{name}: {keyword} {shown!r} is not an integer; the file's header is malformed, "
-                         "send it again from the scanner or PACS") from None
 
 
 def _description(ds: Dataset) -> str:
@@ -219,9 +159,9 @@ def classify_sequence(ds: Dataset) -> tuple[str | None, str]:
     if WATER_IMAGE_TYPES & set(_image_types(ds)):
         return "STIR", "ImageType WATER (Dixon fat-suppressed image)"
     timing = {
-        "RepetitionTime": _float(attribute(ds, "RepetitionTime")),
-        "EchoTime": _float(attribute(ds, "EchoTime")) or _float(attribute(ds, "EffectiveEchoTime")),
-        "InversionTime": _float(attribute(ds, "InversionTime")) or _float(attribute(ds, "InversionTimes")),
+        "RepetitionTime": number(attribute(ds, "RepetitionTime")),
+        "EchoTime": number(attribute(ds, "EchoTime")) or number(attribute(ds, "EffectiveEchoTime")),
+        "InversionTime": number(attribute(ds, "InversionTime")) or number(attribute(ds, "InversionTimes")),
     }
     for rule in TIMING_RULES:
         tests = [(timing[key], bounds) for key, bounds in rule.items() if key != "sequence"]
@@ -285,127 +225,6 @@ def _parse(name: str, data: bytes) -> Dataset:
             raise InputError(f"{name}: file truncated {cut}; send the complete file again")
         raise InputError(f"{name}: DICOM without pixel data (e.g. a structured report); send image files only")
     return ds
-
-
-def _declared_frames(name: str, ds: Dataset) -> int:
-    """NumberOfFrames, checked against the pixel data the file holds (native) before anything loops over it."""
-    frames = header_int(name, ds, "NumberOfFrames", 1)
-    if frames < 1:
-        raise InputError(f"{name}: NumberOfFrames {frames} is not a positive number of frames; the header is malformed")
-    if "PixelData" in ds and not _is_encapsulated(ds):
-        rows, cols = header_int(name, ds, "Rows", 0), header_int(name, ds, "Columns", 0)
-        samples = header_int(name, ds, "SamplesPerPixel", 1)
-        bits = header_int(name, ds, "BitsAllocated", 16)
-        need = frames * rows * cols * samples * bits // 8
-        have = len(ds.PixelData)
-        if need > have:
-            what = (f"NumberOfFrames {frames} x Rows {rows} x Columns {cols} x {bits} bits needs {need} bytes of pixel data"
-                    if frames > 1 else f"Rows {rows} x Columns {cols} x {bits} bits needs {need} bytes of pixel data")
-            raise InputError(f"{name}: {what}, the file holds {have} (truncated inside (7FE0,0010) PixelData, "
-                             "or a malformed header); send the complete file again")
-        if need and have > 2 * need:  # padding is a few bytes; more would be decoded as frames the header does not declare
-            raise InputError(f"{name}: PixelData holds {have} bytes, more than twice the {need} that NumberOfFrames, Rows, "
-                             "Columns and BitsAllocated declare; the header is malformed, send the file again")
-    return frames
-
-
-def _is_encapsulated(ds: Dataset) -> bool:
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    return bool(syntax is not None and getattr(syntax, "is_encapsulated", False))
-
-
-def _stored_range(name: str, ds: Dataset) -> np.ndarray:
-    bits = header_int(name, ds, "BitsStored", header_int(name, ds, "BitsAllocated", 16))
-    if header_int(name, ds, "PixelRepresentation", 0) == 1:
-        return np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1])
-    return np.array([0, 2**bits - 1])
-
-
-def _check_codestreams(name: str, ds: Dataset, frames: int) -> None:
-    """Every compressed frame's own header against Rows, Columns and SamplesPerPixel, before decoding.
-
-    A decoder allocates what the codestream declares, not what the DICOM header says, so a frame
-    that declares other dimensions is refused here; so is pixel data with fewer frames than
-    NumberOfFrames.
-    """
-    syntax = str(ds.file_meta.TransferSyntaxUID)
-    rows, cols = header_int(name, ds, "Rows", 0), header_int(name, ds, "Columns", 0)
-    samples, bits = header_int(name, ds, "SamplesPerPixel", 1), header_int(name, ds, "BitsAllocated", 16)
-    found = 0
-    try:
-        # the frames the decoder will read: pydicom follows the Extended Offset Table when the file has one
-        extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths) if "ExtendedOffsetTable" in ds else None
-        for found, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames, extended_offsets=extended), start=1):
-            c_rows, c_cols, c_samples = dicom_guard.codestream_shape(f"{name} frame {found}", syntax, frame, bits)
-            if syntax == dicom_guard.RLE_SYNTAX:
-                c_rows, c_cols = rows, cols  # RLE carries no dimensions; its segment count was checked
-            if (c_rows, c_cols, c_samples) != (rows, cols, samples):
-                raise InputError(
-                    f"{name} frame {found}: the compressed frame declares {c_rows}x{c_cols} pixels with {c_samples} "
-                    f"component(s), the header (Rows, Columns, SamplesPerPixel) {rows}x{cols} with {samples}; "
-                    "refused before decoding: the file is damaged or crafted, send it again from the scanner or PACS")
-            if found == frames:
-                break
-    except InputError:
-        raise
-    except Exception as e:  # malformed item tags or offsets in the encapsulated pixel data
-        raise InputError(f"{name}: encapsulated pixel data is malformed ({type(e).__name__}: {e}); send the file again") from e
-    if found < frames:
-        raise InputError(f"{name}: NumberOfFrames {frames} but the pixel data holds {found} frame(s); the file is truncated or malformed")
-
-
-def _pixels(name: str, ds: Dataset, frames: int | None = None) -> np.ndarray:
-    """(frames, rows, cols) float32 modality values, MONOCHROME1 inverted; ``frames``: NumberOfFrames if already checked."""
-    frames = _declared_frames(name, ds) if frames is None else frames
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    samples = header_int(name, ds, "SamplesPerPixel", 1)
-    if photometric not in ("MONOCHROME1", "MONOCHROME2") or samples != 1:
-        raise InputError(f"{name}: expected grey-level MR pixels, got PhotometricInterpretation "
-                         f"{str(ds.get('PhotometricInterpretation'))[:16]!r} with {samples} sample(s) per pixel")
-    if _is_encapsulated(ds):
-        _check_codestreams(name, ds, frames)
-    try:
-        stored = ds.pixel_array
-    except Exception as e:  # missing decoder, truncated or inconsistent pixel data; cause chained
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        syntax_name = getattr(syntax, "name", str(syntax))
-        raise InputError(
-            f"{name}: pixel data cannot be decoded ({syntax_name}: {type(e).__name__}); the file may be "
-            "truncated or use a compression without an installed decoder: send uncompressed DICOM"
-        ) from e
-    if stored.ndim != (2 if frames == 1 else 3):
-        raise InputError(f"{name}: expected grey-level MR pixels, got {ds.get('PhotometricInterpretation')} array of shape {stored.shape}")
-    stored = stored.reshape(frames, *stored.shape[-2:])
-    out = np.empty(stored.shape, np.float32)
-    for f in range(frames):
-        lut = _modality_lut(name, ds, f)
-        try:
-            out[f] = apply_modality_lut(stored[f], lut)
-            if photometric == "MONOCHROME1":
-                lo, hi = apply_modality_lut(_stored_range(name, ds), lut).astype(np.float64)
-                out[f] = np.float32(lo + hi) - out[f]
-        except InputError:
-            raise
-        except Exception as e:  # a malformed Modality LUT Sequence; cause chained
-            raise InputError(f"{name}: the modality LUT cannot be applied ({type(e).__name__}); the header is malformed") from e
-    return out
-
-
-def _modality_lut(name: str, ds: Dataset, frame: int) -> Dataset:
-    """What apply_modality_lut reads for one frame: the file's Modality LUT Sequence, else its rescale as
-    numbers (top level, else the frame's functional groups; slope 1 and intercept 0 where absent)."""
-    if "ModalityLUTSequence" in ds:
-        return ds
-    lut = Dataset()
-    values = {k: attribute(ds, k, frame) for k in ("RescaleSlope", "RescaleIntercept")}
-    if all(v is None for v in values.values()):
-        return lut
-    for keyword, value in values.items():
-        number = _float(value) if value is not None else (1.0 if keyword == "RescaleSlope" else 0.0)
-        if number is None or not math.isfinite(number):
-            raise InputError(f"{name}: {keyword} {str(value)[:16]!r} is not a number; the header is malformed")
-        setattr(lut, keyword, number)
-    return lut
 
 
 def _image_type_reason(ds: Dataset) -> str | None:
@@ -523,7 +342,7 @@ def _check_selected(selected: list[list[_Instance]], limits: ServingConfig) -> N
 def _skip_record(members: list, reason: str) -> dict:
     """What the response reports about a skipped series (no identifiers): its first file by name."""
     first = members[0].ds
-    return {"series_number": _int(first.get("SeriesNumber")), "description": _description(first), "reason": reason,
+    return {"series_number": integer(first.get("SeriesNumber")), "description": _description(first), "reason": reason,
             "files": len(members), "first_file": members[0].name}
 
 
@@ -619,7 +438,7 @@ def _read_study(files: Sequence[tuple[str, bytes]], limits: ServingConfig) -> St
         _check_same_examination(name, ds, first)
         first = first or (name, ds)
         key = str(ds.get("SeriesInstanceUID", "")) or f"number:{ds.get('SeriesNumber', '')}:{_description(ds)}"
-        groups[key].append(_Instance(name, ds, _declared_frames(name, ds)))
+        groups[key].append(_Instance(name, ds, declared_frames(name, ds)))
     if not groups:
         raise InputError("no image files in the request (only a DICOMDIR); send the image files themselves")
 
@@ -682,7 +501,7 @@ def _series(members: list[_Instance]) -> tuple[Series | None, str]:
     normal = slice_normal(first)
     slices: list[tuple[float, str, np.ndarray]] = []
     for m in members:
-        frames = _pixels(m.name, m.ds, m.frames)
+        frames = decode_pixels(m.name, m.ds, m.frames)
         slices.extend(zip(_frame_positions(m, normal), [m.name] * len(frames), frames))
     shapes = sorted({frame.shape for _, _, frame in slices})
     if len(shapes) > 1:
@@ -692,13 +511,13 @@ def _series(members: list[_Instance]) -> tuple[Series | None, str]:
     if spacing is None or isinstance(spacing, str) or len(spacing) != 2:
         log.debug("series %s: no PixelSpacing, 1 mm assumed", first.get("SeriesNumber", "?"))
         spacing = (1.0, 1.0)
-    if _float(spacing[0]) is None or _float(spacing[1]) is None:
+    if number(spacing[0]) is None or number(spacing[1]) is None:
         raise InputError(f"{members[0].name}: PixelSpacing is not two numbers; the header is malformed, send the file again")
     sequence, source = classify_sequence(first)
     series = Series(
         sequence=sequence,
         description=_description(first),
-        series_number=_int(first.get("SeriesNumber")),
+        series_number=integer(first.get("SeriesNumber")),
         pixels=np.stack([frame for _, _, frame in slices]),
         pixel_spacing=(float(spacing[0]), float(spacing[1])),
         positions=np.array([pos for pos, _, _ in slices], np.float64),

@@ -31,7 +31,7 @@ from wff.client.bench import (
 )
 from wff.client.metrics import parse_metrics, per_model
 from wff.serving.custom_metrics import OTHER_REASON, rejection_reason
-from wff.serving.server import child_pids
+from wff.processes import child_pids
 
 ROW_FIELDS = {"pipeline", "concurrency", "patients_per_s", "slices_per_s", "p50_ms", "p95_ms", "p99_ms", "errors"}
 SLICES_PER_PATIENT = 10  # two series of 5 slices (see bench_dataset)

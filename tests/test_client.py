@@ -36,7 +36,7 @@ from wff.client.grpc_client import (
 from wff.config import ServingConfig
 from wff.ensemble.diagnosis import Diagnosis
 from wff.ensemble.fusion import STRATEGIES, FusionSettings
-from wff.serving.server import free_port
+from wff.processes import free_port
 
 
 def fake_diagnosis(d: float, m: float, label: str = "malignant") -> Diagnosis:

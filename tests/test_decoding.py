@@ -37,7 +37,8 @@ from pydicom.uid import (
 )
 
 from wff.client.grpc_client import read_patient_files
-from wff.ensemble.dicom_series import _parse, _pixels, read_study
+from wff.ensemble.dicom_pixels import decode_pixels as _pixels
+from wff.ensemble.dicom_series import _parse, read_study
 
 # Real files with an uncompressed twin of the same pixels: (encoded file, uncompressed reference).
 # MR_small: 64 x 64 signed 16-bit MR; emri_small: enhanced MR, 10 frames of 64 x 64, 12-bit;

@@ -13,7 +13,8 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from wff.config import ServingConfig
-from wff.ensemble.dicom_series import _parse, _pixels, classify_sequence, parse_age, read_study, read_study_dir, sequence_of
+from wff.ensemble.dicom_pixels import decode_pixels as _pixels
+from wff.ensemble.dicom_series import _parse, classify_sequence, parse_age, read_study, read_study_dir, sequence_of
 from wff.ensemble.types import InputError
 
 SAGITTAL = [0, 1, 0, 0, 0, -1]  # normal (-1, 0, 0): positions are -x

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from wff.client.grpc_client import DiagnosisClient, DiagnosisError, read_patient_files
-from wff.serving.server import STUB_NAME, child_pids, free_port, prepare_backends, process_name, stub_model, wheel_tritonserver
+from wff.processes import child_pids, free_port, process_name
+from wff.serving.server import STUB_NAME, prepare_backends, stub_model, wheel_tritonserver
 
 ENTRYPOINT = Path(__file__).resolve().parents[1] / "docker" / "entrypoint.sh"
 READY_LIMIT_S = 120.0  # repository build plus tritonserver start (about 10 s here)

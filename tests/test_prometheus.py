@@ -30,7 +30,7 @@ import yaml
 from wff.client.grpc_client import DiagnosisClient, read_patient_files
 from wff.contracts import ENSEMBLE_NAME
 from wff.serving.custom_metrics import COUNTERS
-from wff.serving.server import free_port
+from wff.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "docker" / "prometheus"

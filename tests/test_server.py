@@ -32,7 +32,8 @@ from wff.contracts import ENSEMBLE_NAME, contracts_for
 from wff.ensemble.pipeline import Pipeline
 from wff.ensemble.types import InputError
 from wff.serving.repository import build_repository
-from wff.serving.server import TritonServer, child_pids, free_port, process_name
+from wff.processes import child_pids, free_port, process_name
+from wff.serving.server import TritonServer
 
 C = contracts_for(TINY)
 PARITY_ATOL = 1e-5  # same code, same ONNX Runtime settings; only float summation order may differ

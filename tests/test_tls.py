@@ -26,7 +26,8 @@ from wff.client.grpc_client import (AsyncDiagnosisClient, DiagnosisClient, Diagn
                                     read_patient_files, requested_outputs)
 from wff.contracts import ENSEMBLE_NAME
 from wff.serving.repository import build_repository
-from wff.serving.server import ServerError, TritonServer, listening_sockets, process_name
+from wff.processes import listening_sockets, process_name
+from wff.serving.server import ServerError, TritonServer
 
 TIMEOUT_S = 30
 

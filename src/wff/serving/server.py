@@ -53,8 +53,8 @@ Other installations: ``tritonserver`` (the binary) and ``backends`` (a Triton ba
 holding ``python/``) run another tritonserver under the same watchdog, e.g. the NGC container's
 /opt/tritonserver; ``extra_args`` are passed on to it.
 
-:func:`listening_sockets` and :func:`process_tree_rss` read /proc to check the binding and
-measure the server's memory (tritonserver plus its backend stubs).
+:mod:`wff.processes` reads /proc to find the backend stubs, check the binding and measure the
+server's memory (tritonserver plus its backend stubs).
 """
 
 from __future__ import annotations
@@ -67,7 +67,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -79,6 +78,8 @@ import uuid
 from collections import Counter, deque
 from pathlib import Path
 from typing import Sequence
+
+from wff.processes import child_pids, free_port, process_name, process_tree_rss
 
 log = logging.getLogger(__name__)
 
@@ -244,12 +245,6 @@ def resolve_malloc(setting: str) -> Path | None:
     if not lib.is_file():
         raise ServerError(f"serving.server_malloc: {setting!r} is neither auto, glibc, jemalloc nor the path of a shared library")
     return lib.resolve()
-
-
-def free_port(address: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return s.getsockname()[1]
 
 
 class TritonServer:
@@ -673,56 +668,6 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
-def child_pids(pid: int, recursive: bool = True) -> list[int]:
-    """The children of ``pid`` (every descendant when ``recursive``), from /proc/<pid>/task/*/children."""
-    found, queue = [], [pid]
-    while queue:
-        parent = queue.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                kids = [int(k) for k in (task / "children").read_text().split()]
-            except OSError:  # the task ended meanwhile
-                continue
-            found.extend(kids)
-            if recursive:
-                queue.extend(kids)
-    return found
-
-
-def process_rss(pid: int) -> int:
-    """VmRSS of one process in bytes; 0 when it has gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def process_tree_rss(pid: int) -> int:
-    """Resident memory of ``pid`` and all its descendants, in bytes (shared pages counted per process)."""
-    return sum(process_rss(p) for p in [pid, *child_pids(pid)])
-
-
-def process_pss(pid: int) -> int:
-    """Proportional set size of one process in bytes (shared pages split among their users); 0 when it has gone."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass  # a stub that exited between listing and reading counts as 0
-    return 0
-
-
-def process_tree_pss(pid: int) -> int:
-    """Memory of ``pid`` and all its descendants in bytes, each shared page once: the Python backend's
-    shared-memory regions are mapped by tritonserver and a stub each, which a sum of RSS counts twice."""
-    return sum(process_pss(p) for p in [pid, *child_pids(pid)])
-
-
 def stub_model(pid: int) -> str | None:
     """The model a backend stub serves: its first argument is <repository>/<model>/<version>/model.py."""
     try:
@@ -732,46 +677,3 @@ def stub_model(pid: int) -> str | None:
     if len(argv) < 2:
         return None
     return Path(argv[1].decode(errors="replace")).parent.parent.name or None
-
-
-def process_name(pid: int) -> str:
-    """argv[0]'s base name of a process ('' when it has gone)."""
-    try:
-        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-    except OSError:
-        return ""
-    return os.path.basename(argv0.decode(errors="replace"))
-
-
-def listening_sockets(pid: int) -> list[tuple[str, int]]:
-    """(address, port) of every TCP socket in LISTEN state owned by ``pid``, from /proc/net/tcp{,6}.
-
-    IPv4-mapped IPv6 addresses are given as IPv4 (``::ffff:127.0.0.1`` -> ``127.0.0.1``).
-    """
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    found = []
-    for table, width in (("tcp", 4), ("tcp6", 16)):
-        try:
-            lines = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state != "0A" or inode not in inodes:  # 0A = LISTEN
-                continue
-            host, port = local.split(":")
-            raw = bytes.fromhex(host)
-            # /proc prints each 32-bit word in host (little-endian) order
-            packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-            ip = ipaddress.ip_address(packed if width == 16 else packed[:4])
-            ip = getattr(ip, "ipv4_mapped", None) or ip  # gRPC listens on ::ffff:127.0.0.1 for 127.0.0.1
-            found.append((str(ip), int(port, 16)))
-    return sorted(found)
