@@ -199,3 +199,20 @@ def limited_server(limited_artifacts, tmp_path_factory):
     repo = build_repository(tmp_path_factory.mktemp("limited") / "repository", "embedded", limited_artifacts)
     with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, log_verbose=1) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def trt_repo(tiny_artifacts, tmp_path_factory) -> Path:
+    """A --target tensorrt repository of the tiny profile with the stand-in ONNX models (the test_trt*.py files)."""
+    from wff.serving.repository import build_repository
+
+    return build_repository(tmp_path_factory.mktemp("trt") / "repo", "tensorrt", tiny_artifacts)
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    """Make both TensorRT module names unimportable, whatever this machine has."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_bindings", None)

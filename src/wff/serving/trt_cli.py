@@ -1,4 +1,4 @@
-"""``wff trt check`` and ``wff trt build``: thin click commands over wff.serving.trt."""
+"""``wff trt check`` and ``wff trt build``: thin click commands over wff.serving.trt and its trt_* modules."""
 
 from __future__ import annotations
 
@@ -7,25 +7,17 @@ from pathlib import Path
 
 import click
 
-from wff.serving.trt import (
-    DEFAULT_PRECISION,
-    DEFAULT_VERIFY_BATCH,
-    DEFAULT_WORKSPACE_MIB,
-    MODEL_STEPS,
-    PLAN_CACHE_ENV,
-    PRECISIONS,
-    TIMING_CACHE_NAME,
-    TOLERANCES,
-    PlanError,
-    TensorRTUnavailable,
+from wff.serving.trt import DEFAULT_PRECISION, DEFAULT_WORKSPACE_MIB, TIMING_CACHE_NAME, build_plans, trtexec_command
+from wff.serving.trt_cache import PLAN_CACHE_ENV
+from wff.serving.trt_preflight import MODEL_STEPS, PlanError, preflight
+from wff.serving.trt_runtime import (
     TRITON_TENSORRT_BACKEND,
-    build_plans,
-    preflight,
+    TensorRTUnavailable,
     same_release,
     tensorrt_module_version,
     triton_tensorrt_version,
-    trtexec_command,
 )
+from wff.serving.trt_verify import DEFAULT_VERIFY_BATCH, PRECISIONS, TOLERANCES
 
 _REPOSITORY = click.argument("repository", type=click.Path(exists=True, file_okay=False, path_type=Path))
 _MODELS = click.option("--model", "models", multiple=True, type=click.Choice(MODEL_STEPS),
