@@ -127,6 +127,20 @@ class OnnxRunner:
         return {o.name: np.asarray(v).astype(o.numpy_dtype, copy=False) for o, v in zip(self.contract.outputs, values)}
 
 
+def warm_up(runner, max_items: int) -> int:
+    """Run ``runner`` once at every batch size from 1 to ``max_items`` on zeros; returns the runs made.
+
+    A runtime allocates per input shape (OpenVINO compiles and caches kernels for each shape it
+    meets; ONNX Runtime's arena grows to the largest): served, the batch sizes of the merged
+    requests arrive in random order and the steps' memory kept growing for as long as rare sizes
+    kept appearing. Warmed at load, the serving memory starts at its working size.
+    """
+    spec = runner.input_spec
+    for n in range(1, max_items + 1):
+        runner(np.zeros((n, *spec.dims), spec.numpy_dtype))
+    return max_items
+
+
 class OpenVinoRunner(OnnxRunner):
     """The same contract and chunking over OpenVINO's CPU plugin (f32 or bf16, one infer request)."""
 

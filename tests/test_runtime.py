@@ -5,7 +5,7 @@ import pytest
 from conftest import TINY, make_classifier_onnx, make_detector_onnx
 
 from wff.contracts import contracts_for
-from wff.ensemble.runtime import OnnxRunner
+from wff.ensemble.runtime import OnnxRunner, warm_up
 
 C = contracts_for(TINY)
 S = TINY.image.size
@@ -64,3 +64,14 @@ class TestOnnxRunner:
         n, c = TINY.classifier.clip_len, TINY.classifier.crop_size
         clips = np.stack([np.full((1, n, c, c), v, np.float32) for v in (0.2, 0.7)])
         np.testing.assert_allclose(runner(clips)["classifier_probs"], [[0.8, 0.2], [0.3, 0.7]], atol=1e-6)
+
+
+class TestWarmUp:
+    def test_every_batch_size_once(self, tmp_path):
+        """warm_up runs the runner at batch sizes 1..max_items, with the contract's input shape and dtype."""
+        runner = OnnxRunner(make_detector_onnx(TINY, tmp_path / "d.onnx"), C.detector, threads=1, chunk=4)
+        seen = []
+        real = runner._run
+        runner._run = lambda batch: (seen.append(batch.shape), real(batch))[1]
+        assert warm_up(runner, 4) == 4
+        assert seen == [(n, 1, TINY.image.size, TINY.image.size) for n in range(1, 5)]

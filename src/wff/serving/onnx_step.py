@@ -5,12 +5,17 @@ session run. The step's contract is looked up by the model's name, so one class 
 Runtime (ONNX Runtime or OpenVINO), its precision, threads and items per run: config parameters
 ``runtime``, ``runtime_precision``, ``runtime_threads`` and ``runtime_chunk``, else the profile's
 serving section. ``serving.members`` (profile.json) picks model.onnx or the fold models
-model.fold<k>.onnx, whose outputs are merged (wff.ensemble.members).
+model.fold<k>.onnx, whose outputs are merged (wff.ensemble.members). The runtime is run once at every
+batch size it can get before the model reports ready (wff.ensemble.runtime.warm_up).
 """
+
+import time
+
+import triton_python_backend_utils as pb_utils
 
 from wff.config import load_profile
 from wff.contracts import contracts_for
-from wff.ensemble.runtime import member_runner
+from wff.ensemble.runtime import member_runner, warm_up
 from wff.serving.repository import member_models
 from wff.serving.triton_step import TritonStep
 
@@ -25,6 +30,10 @@ class OnnxRuntimeStep(TritonStep):
         precision = self.parameter("runtime_precision", profile.serving.runtime_precision)
         paths = member_models(self.version_dir, profile.serving.members)
         self.runner = member_runner(runtime, paths, contract, threads, chunk, precision, profile.serving.members_box_iou)
+        started = time.monotonic()
+        # every batch size one runtime call can get: the batcher's largest batch, cut into chunks of at most `chunk`
+        sizes = warm_up(self.runner, min(chunk, self.model_config["max_batch_size"]))
+        pb_utils.Logger.log_info(f"{self.model_name}: warmed at batch sizes 1-{sizes} in {time.monotonic() - started:.1f} s")
 
     def run(self, inputs):
         return self.runner(inputs[self.runner.input_spec.name])
