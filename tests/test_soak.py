@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -10,6 +15,7 @@ from click.testing import CliRunner
 from wff.cli import main
 from wff.client.grpc_client import read_patient_files
 from wff.client.soak import MIB, SoakReport, bad_variants, find_server_pid, trend_growth
+from wff.processes import child_pids, process_name
 
 SHORT_SOAK_MINUTES = 0.3  # 18 s of requests
 
@@ -31,6 +37,30 @@ def test_short_soak_passes(tiny_artifacts, dicom_patient, tmp_path):
     assert report["server_allocator"] == "glibc"  # the --set override reached the server
     assert len(report["memory_samples"]) >= 20 and report["memory_samples"][0][0] < 6 <= report["memory_samples"][-1][0] - 18
     print(f"\n{result.output}")
+
+
+@pytest.mark.server
+def test_sigterm_stops_the_soaks_own_server(tiny_artifacts, dicom_patient):
+    """SIGTERM to `wff soak` that started its own tritonserver stops that server too (it runs in its own session)."""
+    proc = subprocess.Popen([sys.executable, "-m", "wff", "soak", "--artifacts", str(tiny_artifacts), "--patient", str(dicom_patient),
+                             "--minutes", "5", "--warmup-minutes", "0", "--concurrency", "1", "--set", "serving.server_malloc=glibc"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if "tritonserver ready" in line:
+                break
+        servers = [pid for pid in child_pids(proc.pid) if process_name(pid) == "tritonserver"]
+        assert len(servers) == 1, servers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{servers[0]}").exists() and process_name(servers[0]) == "tritonserver" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert process_name(servers[0]) != "tritonserver", "tritonserver left running after wff soak was terminated"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
 
 
 @pytest.mark.server

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
+import threading
 
 import click
 
@@ -45,8 +47,16 @@ class LazyGroup(click.Group):
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """spine-wff: benign/malignant spinal tumour diagnosis from sagittal MRI, served by Triton."""
+    # SIGTERM unwinds like Ctrl-C, so a command that started tritonserver (soak, bench, demo, serve
+    # --artifacts) stops it on the way out instead of leaving it running in its own session
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("wff").setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING)
+
+
+def _exit_on_sigterm(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":
