@@ -99,16 +99,16 @@ def _file_meta(name: str, data: bytes) -> tuple[dict[tuple[int, int], tuple[int,
     return elements, pos, explicit
 
 
-def transfer_syntax(name: str, data: bytes) -> str | None:
-    """The TransferSyntaxUID of a Part 10 file's meta information (None without one)."""
+def _meta_and_syntax(name: str, data: bytes) -> tuple[dict, int, bool, str | None]:
+    """:func:`_file_meta` and the TransferSyntaxUID it holds (None without one, or without a DICM preamble)."""
     if data[PREAMBLE : PREAMBLE + len(MAGIC)] != MAGIC:
-        return None
-    elements, _, _ = _file_meta(name, data)
+        return {}, 0, False, None
+    elements, start, explicit = _file_meta(name, data)
     found = elements.get((0x0002, 0x0010))
     if found is None:
-        return None
+        return elements, start, explicit, None
     _, value, length = found
-    return data[value : value + length].rstrip(b"\0 ").decode("ascii", "replace")
+    return elements, start, explicit, data[value : value + length].rstrip(b"\0 ").decode("ascii", "replace")
 
 
 def inflate_bounded(name: str, data: bytes, budget: int) -> bytes:
@@ -120,9 +120,9 @@ def inflate_bounded(name: str, data: bytes, budget: int) -> bytes:
     per million): deflate shrinks a run of tiny elements a thousandfold. Files in any other
     transfer syntax come back as they are.
     """
-    if transfer_syntax(name, data) != DEFLATED:
+    elements, start, explicit, syntax = _meta_and_syntax(name, data)
+    if syntax != DEFLATED:
         return data
-    elements, start, explicit = _file_meta(name, data)
     if not explicit:  # pydicom would read it, and inflate without a bound
         raise InputError(f"{name}: deflated file whose file meta information is not Explicit VR Little Endian as PS3.10 "
                          "requires; the file is malformed, send it again from the scanner or PACS")
@@ -154,10 +154,9 @@ def inflate_bounded(name: str, data: bytes, budget: int) -> bytes:
 def truncation(name: str, data: bytes) -> str | None:
     """Where a Part 10 file ends inside an element, e.g. "inside (7FE0,0010) PixelData: 4608 bytes
     declared, 4508 present"; None when every element is complete (or the layout is not walkable)."""
-    syntax = transfer_syntax(name, data)
+    _, start, _, syntax = _meta_and_syntax(name, data)
     if syntax is None:
         return None
-    _, start, _ = _file_meta(name, data)
     try:
         _walk(data, start, len(data), syntax == IMPLICIT_LE, syntax != EXPLICIT_BE, 0, None)
     except _Truncated as t:
