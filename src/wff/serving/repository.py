@@ -37,6 +37,7 @@ import json
 import logging
 import shutil
 from dataclasses import dataclass, fields
+from importlib import resources
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -57,8 +58,9 @@ MODEL_STEPS = ("detector", "classifier")  # the exported networks; their config 
 CONFIG_NAME = "config.pbtxt"
 FOLD_MODEL = "model.fold{}.onnx"  # fold k's model in a version dir (serving.members = "folds"), k = 1..cv_folds
 VERSION = "1"
-# The adapters' sources: model_repository/<step>/1/model.py in the source tree.
-ADAPTERS_DIR = Path(__file__).resolve().parents[3] / "model_repository"
+# The adapters' sources, <step>/1/model.py: model_repository/ of the source tree, installed as the
+# package data of wff.model_repository.
+ADAPTERS_DIR = resources.files("wff.model_repository")  # a Traversable: a folder, or a folder inside a zip
 
 
 @dataclass(frozen=True)
@@ -228,11 +230,13 @@ def member_models(version_dir: Path, members: str) -> list[Path]:
     return paths
 
 
-def _adapter(step: str) -> Path:
+def _adapter(step: str) -> bytes:
+    """The source of ``step``'s adapter, model.py."""
     path = ADAPTERS_DIR / step / VERSION / "model.py"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: adapter source missing; wff repo build runs from a source checkout")
-    return path
+        raise FileNotFoundError(f"{path}: adapter source missing from the installed package wff.model_repository; "
+                                "reinstall spine-wff (pip install 'spine-wff[serve]', or pip install -e . in a checkout)")
+    return path.read_bytes()
 
 
 def build_repository(
@@ -292,7 +296,7 @@ def build_repository(
         (out / name / CONFIG_NAME).write_text(config_text(cfg))
         python_step = name in PYTHON_STEPS or (name in MODEL_STEPS and target == "embedded")
         if python_step:
-            shutil.copy2(_adapter(name), version / "model.py")
+            (version / "model.py").write_bytes(_adapter(name))
             profile.save(version / "profile.json")
         if artifacts is None:
             continue
