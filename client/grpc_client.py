@@ -40,7 +40,7 @@ from tritonclient.utils import InferenceServerException
 from wff.config import SMALL, ServingConfig
 from wff.contracts import ENSEMBLE_NAME, contracts_for
 from wff.ensemble.diagnosis import Diagnosis
-from wff.ensemble.fusion import FusionSettings
+from wff.ensemble.fusion import FusionSettings, settings_from_parameters
 
 # Names and dtypes of the ensemble's tensors do not depend on the profile (only dims do).
 ENSEMBLE = contracts_for(SMALL).ensemble
@@ -163,8 +163,6 @@ def translate_error(e: InferenceServerException, files: Sequence[tuple[str, byte
 
 def settings_from_config(config: dict) -> FusionSettings:
     """Fusion weights and threshold from the fusion model's config (written by wff repo build)."""
-    from wff.serving.repository import settings_from_parameters
-
     try:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         return settings_from_parameters(params)

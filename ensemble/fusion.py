@@ -40,7 +40,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -300,6 +300,26 @@ class FusionSettings:
 def load_fusion_settings(path: str | Path) -> FusionSettings:
     path = Path(path)
     return FusionSettings.from_dict(json.loads(path.read_text()), where=str(path))
+
+
+def fusion_parameters(settings: FusionSettings) -> dict[str, str]:
+    """The fusion settings as Triton config parameters (wff repo build writes them into the fusion
+    model's config; clients read them back through get_model_config): fusion.json's keys
+    (:meth:`FusionSettings.to_dict`) without the cross-validation record, strings as they are and
+    everything else as JSON."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in settings.to_dict(cv=False).items()}
+
+
+def settings_from_parameters(parameters: dict[str, str]) -> FusionSettings:
+    """Inverse of :func:`fusion_parameters` (values as plain strings). Keys a config lacks (vote
+    thresholds, calibration) take :meth:`FusionSettings.from_dict`'s defaults: 0.5 and none."""
+    where = "fusion model config parameters"
+    keys = {f.name for f in fields(FusionSettings)}
+    try:
+        data = {k: v if k == "served_strategy" else json.loads(v) for k, v in parameters.items() if k in keys}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: a value is not JSON ({e}); rebuild the repository with wff repo build") from e
+    return FusionSettings.from_dict(data, where=where)
 
 
 def weight_grid(mask: tuple[bool, bool, bool], step: float) -> list[tuple[float, float, float]]:

@@ -106,7 +106,7 @@ class TestTranslateError:
 class TestSettingsFromConfig:
     def test_round_trip(self):
         """The client reads back the settings the repository builder wrote into the fusion config."""
-        from wff.serving.repository import fusion_parameters
+        from wff.ensemble.fusion import fusion_parameters
 
         s = FusionSettings(det_threshold=0.2, vote_thresholds={"Seq": 0.6})
         config = {"parameters": {k: {"string_value": v} for k, v in fusion_parameters(s).items()}}
@@ -144,7 +144,7 @@ class ScriptedTriton:
         self.calls += 1
         if self.errors:
             raise self.errors.pop(0)
-        from wff.serving.repository import fusion_parameters
+        from wff.ensemble.fusion import fusion_parameters
 
         return {"config": {"parameters": {k: {"string_value": v} for k, v in fusion_parameters(FusionSettings()).items()}}}
 

@@ -10,16 +10,14 @@ from conftest import TINY
 from wff.cli import main
 from wff.config import load_profile
 from wff.contracts import ENSEMBLE_NAME, contracts_for
-from wff.ensemble.fusion import FusionSettings, load_fusion_settings
+from wff.ensemble.fusion import FusionSettings, fusion_parameters, load_fusion_settings, settings_from_parameters
 from wff.serving.repository import (
     ADAPTERS_DIR,
     MODEL_STEPS,
     PYTHON_STEPS,
     TARGETS,
     build_repository,
-    fusion_parameters,
     read_config,
-    settings_from_parameters,
 )
 from tritonclient.grpc import model_config_pb2 as mc
 

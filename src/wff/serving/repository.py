@@ -33,10 +33,9 @@ The Python steps need ``wff`` importable by the backend's Python (installed in t
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from wff.config import SMALL, Profile, ServingConfig, load_profile
 from wff.contracts import Contracts, StepContract, TensorSpec, contracts_for
-from wff.ensemble.fusion import FusionSettings, load_fusion_settings
+from wff.ensemble.fusion import FusionSettings, fusion_parameters, load_fusion_settings
 from wff.ensemble.members import check_box_iou, check_members
 from wff.ensemble.pipeline import ARTIFACT_MODELS, check_artifacts, fold_models
 from wff.ensemble.runtime import check_runtime
@@ -137,26 +136,6 @@ def ensemble_config(contracts: Contracts) -> mc.ModelConfig:
         s.input_map.update(in_map)
         s.output_map.update(out_map)
     return cfg
-
-
-def fusion_parameters(settings: FusionSettings) -> dict[str, str]:
-    """The fusion settings as config parameters, readable by clients through get_model_config:
-    fusion.json's keys (:meth:`FusionSettings.to_dict`) without the cross-validation record,
-    strings as they are and everything else as JSON."""
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in settings.to_dict(cv=False).items()}
-
-
-def settings_from_parameters(parameters: dict[str, str]) -> FusionSettings:
-    """Inverse of :func:`fusion_parameters` (values as plain strings). Keys missing from
-    repositories built before 2026-12-06 (vote thresholds, calibration) take
-    :meth:`FusionSettings.from_dict`'s defaults: 0.5 and none."""
-    where = "fusion model config parameters"
-    keys = {f.name for f in fields(FusionSettings)}
-    try:
-        data = {k: v if k == "served_strategy" else json.loads(v) for k, v in parameters.items() if k in keys}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: a value is not JSON ({e}); rebuild the repository with wff repo build") from e
-    return FusionSettings.from_dict(data, where=where)
 
 
 def repository_configs(profile: Profile, target: str, settings: FusionSettings, instance_kind: str | None = None) -> dict[str, mc.ModelConfig]:
