@@ -162,7 +162,7 @@ def check_loopback(url: str) -> None:
 def load_patients(dataset: str | Path, split: str | None, limit: int) -> list[BenchPatient]:
     """Up to ``limit`` patients of ``split`` (all splits when None) read into memory, in labels.csv order."""
     from wff.client.grpc_client import read_patient_files
-    from wff.training.dataset import load_records
+    from wff.records import load_records
 
     records = load_records(dataset, split)
     if not records:

@@ -164,7 +164,7 @@ def evaluate(dataset: Path, split: str, client: dict, concurrency: int, json_out
     from wff.client import report as rp
     from wff.client.grpc_client import DiagnosisError
     from wff.ensemble.metrics import format_table
-    from wff.training.dataset import load_records
+    from wff.records import load_records
 
     try:
         records = load_records(dataset, split)

@@ -15,7 +15,7 @@ from wff.serving.cli import SET_HELP, trained_serving_for_click
 
 def _patients(dataset: Path | None, split: str | None, patient_dirs: tuple[Path, ...], max_patients: int) -> list:
     from wff.client.grpc_client import read_patient_files
-    from wff.training.dataset import load_records
+    from wff.records import load_records
 
     folders = list(patient_dirs)
     if dataset is not None:
