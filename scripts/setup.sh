@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv at the repository root and install spine-wff with everything it needs.
+# Create .venv at the repository root and install spine-wff with everything it needs (all extras).
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (it only installs what is missing).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,10 +27,16 @@ if [ ! -f "$SYSTEM_STAMP" ] && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/n
     fi
     touch "$SYSTEM_STAMP"
 fi
+# spine-wff itself, editable, with every extra: serve (tritonserver, runtimes), train (torch), dev
+# (tests). The stamp holds the extras and pyproject.toml's hash, so a changed dependency list or
+# extras layout installs again on the next run.
+EXTRAS="serve,train,dev"
 STAMP="$ROOT/.venv/.wff-installed"
-if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
-    echo "installing spine-wff and its dependencies into .venv (first time: about 1-2 minutes)" >&2
+PYPROJECT_SHA256="$("$ROOT/.venv/bin/python" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$ROOT/pyproject.toml")"
+WANTED="extras=$EXTRAS pyproject.toml=$PYPROJECT_SHA256"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANTED" ]; then
+    echo "installing spine-wff[$EXTRAS] and its dependencies into .venv (first time: about 1-2 minutes)" >&2
     "$ROOT/.venv/bin/python" -m pip install --quiet --upgrade pip
-    "$ROOT/.venv/bin/python" -m pip install --quiet -e "$ROOT[dev]"
-    touch "$STAMP"
+    "$ROOT/.venv/bin/python" -m pip install --quiet -e "$ROOT[$EXTRAS]"
+    echo "$WANTED" > "$STAMP"
 fi
