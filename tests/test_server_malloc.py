@@ -7,11 +7,14 @@ tritonserver and being cleared for every stub, with diagnoses still served.
 
 import dataclasses
 import logging
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from wff.client.grpc_client import DiagnosisClient, read_patient_files
+from wff.config import ServingConfig
 from wff.serving import server as server_mod
 from wff.serving.repository import build_repository
 from wff.serving.server import ServerError, TritonServer, prepare_backends, resolve_malloc, server_malloc_for, wrap_backends
@@ -55,9 +58,23 @@ class TestResolve:
         from wff.config import load_profile
 
         serving = load_profile(tiny_artifacts / "profile.json").serving
-        repo = build_repository(tmp_path / "repo", "embedded", tiny_artifacts, serving=dataclasses.replace(serving, server_malloc="glibc"))
-        assert server_malloc_for(repo) == "glibc"
-        assert server_malloc_for(tmp_path) == "auto"  # no profile: the default
+        repo = build_repository(tmp_path / "repo", "embedded", tiny_artifacts,
+                                serving=dataclasses.replace(serving, server_malloc="glibc", server_malloc_conf="narenas:1"))
+        assert server_malloc_for(repo) == ("glibc", "narenas:1")
+        assert server_malloc_for(tmp_path) == ("auto", ServingConfig().server_malloc_conf)  # no profile: the defaults
+
+    def test_default_conf_is_valid_for_jemalloc(self):
+        """jemalloc prints "<jemalloc>: Invalid conf ..." for an option it does not know, and carries on with its defaults."""
+        lib = server_mod.find_jemalloc()
+        if lib is None:
+            assert os.geteuid() != 0, "scripts/setup.sh installs libjemalloc2 when run as root"
+            pytest.skip("libjemalloc is not installed (scripts/setup.sh installs it when run as root)")
+        conf = ServingConfig().server_malloc_conf
+        assert conf, "serving.server_malloc_conf has no default"
+        run = subprocess.run(["/bin/true"], env={"LD_PRELOAD": str(lib), "MALLOC_CONF": conf}, capture_output=True, text=True)
+        assert run.returncode == 0 and run.stderr == "", run.stderr
+        bad = subprocess.run(["/bin/true"], env={"LD_PRELOAD": str(lib), "MALLOC_CONF": "no_such_option:1"}, capture_output=True, text=True)
+        assert "Invalid conf" in bad.stderr  # the check above can fail
 
     def test_stub_wrapper_clears_the_variable(self, tmp_path):
         python = prepare_backends(tmp_path, ("LD_PRELOAD",)) / "python"
@@ -107,10 +124,12 @@ def test_preload_reaches_tritonserver_only(tiny_artifacts, dicom_patient, tmp_pa
     repo = build_repository(tmp_path / "repository", "embedded", tiny_artifacts)
     with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, server_malloc=str(lib)) as server:
         assert environ(server.process.pid).get("LD_PRELOAD") == str(lib.resolve())
+        assert environ(server.process.pid).get("MALLOC_CONF") == ServingConfig().server_malloc_conf
         stubs = server.stub_pids()
         assert stubs, "no backend stubs found"
         for pid, model in stubs.items():
             assert "LD_PRELOAD" not in environ(pid), f"stub of {model} inherited LD_PRELOAD"
+            assert "MALLOC_CONF" not in environ(pid), f"stub of {model} inherited MALLOC_CONF"
         with DiagnosisClient(server.grpc_url, timeout_s=60) as client:
             result = client.diagnose(read_patient_files(dicom_patient))
         assert result.label in ("benign", "malignant") and result.series_votes.size == 3

@@ -142,6 +142,10 @@ class ServingConfig:
     # tritonserver's own allocator (its backend stubs keep glibc): "auto" (jemalloc when installed, else glibc) | "glibc" |
     # "jemalloc" | a library path; glibc's arenas made the server process grow for as long as the soak ran (BENCHMARKS.md)
     server_malloc: str = "auto"
+    # jemalloc's options for tritonserver (MALLOC_CONF): freed pages go back to the system at once, from a
+    # background thread, over two arenas; with jemalloc's defaults the process swung and drifted upwards under load
+    # (BENCHMARKS.md, soak). Empty: jemalloc's defaults.
+    server_malloc_conf: str = "background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0,narenas:2"
     # Python-backend shared-memory region of each instance, in largest patients (max_slices slices) it holds before
     # growing: regions never shrink, and under load grew from one patient's size to 2-3 (BENCHMARKS.md, soak)
     shm_patients: int = 4

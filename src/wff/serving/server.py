@@ -14,8 +14,9 @@ The wheel's server needs three things set up around it, done here:
 * Python-backend shared memory big enough for a few patients' slices (:func:`shm_bytes_for`), and
   a region prefix unique to this server so several servers on one machine do not collide;
 * ``serving.server_malloc``: tritonserver itself on jemalloc where it is installed (glibc's malloc
-  kept the server process growing under load), its backend stubs on glibc (a stub wrapper clears
-  ``LD_PRELOAD``; the OpenVINO stub does not start with jemalloc preloaded).
+  kept the server process growing under load), with ``serving.server_malloc_conf`` as its
+  ``MALLOC_CONF``; its backend stubs on glibc (a stub wrapper clears ``LD_PRELOAD`` and
+  ``MALLOC_CONF``; the OpenVINO stub does not start with jemalloc preloaded).
 
 Port 0 picks a free port. The server's output goes to a log file; on a failed start the
 exception carries its last lines.
@@ -215,10 +216,13 @@ def shm_bytes_for(repository: Path) -> int:
     return int(-(-need // (8 * MIB)) * 8 * MIB)
 
 
-def server_malloc_for(repository: Path) -> str:
-    """``serving.server_malloc`` of the repository's profile ("auto" for a repository without one)."""
+def server_malloc_for(repository: Path) -> tuple[str, str]:
+    """``serving.server_malloc`` and ``serving.server_malloc_conf`` of the repository's profile (the defaults without one)."""
     profile = _repository_profile(repository)
-    return profile.serving.server_malloc if profile is not None else "auto"
+    from wff.config import ServingConfig
+
+    serving = profile.serving if profile is not None else ServingConfig()
+    return serving.server_malloc, serving.server_malloc_conf
 
 
 def find_jemalloc() -> Path | None:
@@ -298,7 +302,8 @@ class TritonServer:
         self.shm_default_bytes = shm_default_bytes or shm_bytes_for(self.repository)
         self.shm_growth_bytes = shm_growth_bytes
         self.exit_timeout_s = exit_timeout_s
-        self.server_malloc = server_malloc if server_malloc is not None else server_malloc_for(self.repository)
+        profile_malloc, self.server_malloc_conf = server_malloc_for(self.repository)
+        self.server_malloc = server_malloc if server_malloc is not None else profile_malloc
         self.server_preload = resolve_malloc(self.server_malloc)
         if self.server_preload is None:
             log.warning(GLIBC_WARNING, self.server_malloc)
@@ -402,11 +407,13 @@ class TritonServer:
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
         if self.server_preload is not None:
             env["LD_PRELOAD"] = str(self.server_preload)
+            if self.server_malloc_conf:
+                env["MALLOC_CONF"] = self.server_malloc_conf
         return env
 
     def _backend_dir(self) -> Path:
         """The backend directory tritonserver gets: the wheel's or ``backends``, with a stub that clears LD_PRELOAD when preloading."""
-        stub_env_unset = ("LD_PRELOAD",) if self.server_preload is not None else ()
+        stub_env_unset = ("LD_PRELOAD", "MALLOC_CONF") if self.server_preload is not None else ()
         dest = Path(self._tmp.name) / "backends"
         if self.backends is None:
             return prepare_backends(dest, stub_env_unset)
