@@ -1,6 +1,6 @@
 """``wff bench``: throughput of the served ensemble, and of the same models without Triton.
 
-    wff bench --artifacts runs/demo --dataset data/paper --concurrency 1,2,4,8 --duration 30 \\
+    wff bench --artifacts runs/demo/artifacts --dataset data/demo --concurrency 1,2,4,8 --duration 30 \\
         --baseline --flops --json bench.json
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from wff.cli import WffError, json_option, write_json
 from wff.client.bench import (
     Budget,
     ServedTarget,
@@ -27,14 +28,10 @@ from wff.client.bench import (
     load_patients,
     parse_concurrency,
 )
+from wff.client.grpc_client import DEFAULT_TIMEOUT_S
 from wff.serving.cli import trained_serving
 
 DEFAULT_DURATION_S = 20.0
-
-
-def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
 
 
 def machine() -> dict:
@@ -76,7 +73,7 @@ def add_flops(rows: list[dict], artifacts: Path, report: dict) -> None:
 @click.option("--dataset", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="labels.csv + patient folders; patients are cycled.")
 @click.option("--split", type=click.Choice(["train", "test", "all"]), default="test", show_default=True)
-@click.option("--patients", "n_patients", type=click.IntRange(1, 1000), default=16, show_default=True,
+@click.option("--max-patients", "n_patients", type=click.IntRange(1, 1000), default=16, show_default=True,
               help="Patients read into memory and cycled.")
 @click.option("--concurrency", default="1,2,4,8", show_default=True, help="Requests in flight, one level after another.")
 @click.option("--duration", type=float, default=None, help=f"Seconds per level [{DEFAULT_DURATION_S:g}].")
@@ -86,15 +83,20 @@ def add_flops(rows: list[dict], artifacts: Path, report: dict) -> None:
               "alone, print the GFLOP per typical patient of every named profile and the peak.")
 @click.option("--set", "overrides", multiple=True, metavar="serving.KEY=VALUE",
               help="Serve with a changed serving setting (with --artifacts; repeatable).")
-@click.option("--timeout", "timeout_s", type=float, default=120.0, show_default=True, help="Seconds per request.")
-@click.option("--json", "json_out", default=None, metavar="FILE", help="Write {\"rows\": [...], ...} to FILE.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT_S, show_default=True,
+              help="Seconds to wait for each answer.")
+@json_option('the measurements ({"rows": [...], "machine": ..., "settings": ...})')
 def bench(artifacts, url, metrics_url, server_pid, dataset, split, n_patients, concurrency, duration, n_requests,
           baseline, flops, overrides, timeout_s, json_out) -> None:
     """Patients/s, slices/s, latency percentiles, errors, Triton's per-model queue and compute
     time and the server's memory at each concurrency level; with --baseline, the same models
     without Triton."""
     if flops and artifacts is None and url is None and dataset is None:
-        click.echo(json.dumps(_profiles_flops(), indent=2))
+        table = _profiles_flops()
+        if json_out:
+            write_json(table, json_out)
+        if json_out != "-":
+            click.echo(format_profiles_flops(table))
         return
     if artifacts is None and url is None:
         raise click.UsageError("give --artifacts DIR (a server is started) or --url HOST:PORT (a running one)")
@@ -108,15 +110,21 @@ def bench(artifacts, url, metrics_url, server_pid, dataset, split, n_patients, c
         raise click.UsageError("give --duration or --requests, not both")
     try:
         levels = parse_concurrency(concurrency)
-        budget = Budget(requests=n_requests) if n_requests is not None else Budget(duration_s=duration or DEFAULT_DURATION_S)
-        if url is not None:
-            check_loopback(url)
-            metrics_url = metrics_url or f"{url.rsplit(':', 1)[0]}:8002"
-            check_loopback(metrics_url.removeprefix("http://").split("/")[0])
-        serving = trained_serving(artifacts, overrides)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--concurrency") from e
+    budget = Budget(requests=n_requests) if n_requests is not None else Budget(duration_s=duration or DEFAULT_DURATION_S)
+    if url is not None:
+        metrics_url = metrics_url or f"{url.rsplit(':', 1)[0]}:8002"
+        for option, endpoint in (("--url", url), ("--metrics-url", metrics_url.removeprefix("http://").split("/")[0])):
+            try:
+                check_loopback(endpoint)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint=option) from e
+    serving = trained_serving(artifacts, overrides)
+    try:
         patients = load_patients(dataset, None if split == "all" else split, n_patients)
     except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        raise WffError(str(e)) from e
     click.echo(f"{len(patients)} patients ({sum(p.nbytes for p in patients) / 1e6:.0f} MB), {budget.describe()} per level", err=True)
 
     report = {"machine": machine(), "settings": {"levels": list(levels), "budget": budget.describe(), "patients": len(patients),
@@ -141,8 +149,12 @@ def bench(artifacts, url, metrics_url, server_pid, dataset, split, n_patients, c
         from wff.serving.server import ServerError
 
         if isinstance(e, (DiagnosisError, ServerError, FileNotFoundError, ValueError, OSError)):
-            _fail(str(e), 1)
+            raise WffError(str(e)) from e
         raise
+    if json_out:
+        write_json({"rows": rows, **report}, json_out)
+    if json_out == "-":
+        return
     click.echo(format_rows(rows))
     if flops:
         f = report["flops"]
@@ -150,8 +162,18 @@ def bench(artifacts, url, metrics_url, server_pid, dataset, split, n_patients, c
                    f"fp32 GEMM peak {f['gemm_peak']['gflops']:.1f} GFLOP/s ({f['gemm_peak']['threads']} threads)")
         for r in rows:
             click.echo(f"  {r['pipeline']:<22} c={r['concurrency']}: {r['gflop_per_s']:.1f} GFLOP/s = {100 * r['gemm_peak_share']:.1f} % of peak")
-    if json_out:
-        Path(json_out).write_text(json.dumps({"rows": rows, **report}, indent=2) + "\n")
+
+
+def format_profiles_flops(table: dict) -> str:
+    """:func:`_profiles_flops` as text: one line per profile, then this machine's GEMM peak."""
+    typical = table["typical_patient"]
+    lines = [f"GFLOP per typical patient ({typical['series']} series, {typical['slices']} slices):"]
+    for name, p in table["profiles"].items():
+        lines.append(f"  {name:<8} {p['image_size']:>4} px  detector {p['detector_gflop_per_slice']:.2f}/slice, "
+                     f"classifier {p['classifier_gflop_per_clip']:.2f}/clip, {p['gflop_per_patient']:.1f}/patient")
+    peak = table["gemm_peak"]
+    lines.append(f"fp32 GEMM peak of this machine: {peak['gflops']:.1f} GFLOP/s ({peak['threads']} threads)")
+    return "\n".join(lines)
 
 
 def _profiles_flops() -> dict:

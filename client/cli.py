@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-import json
 import math
 import sys
 from pathlib import Path
 
 import click
 
+from wff.cli import WffError, json_option, write_json
 from wff.client.grpc_client import DEFAULT_MAX_BYTES, DEFAULT_RETRIES, DEFAULT_TIMEOUT_S
 
 PEM = click.Path(exists=True, dir_okay=False)
@@ -88,27 +88,19 @@ def _overlay_image_config(profile_json: Path | None, client: dict):
     try:
         return load_profile(profile_json).image
     except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--profile") from e
+        raise WffError(f"--profile-file: {e}") from e
 
 
 overlay_profile_option = click.option(
-    "--profile", "profile_json", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    "--profile-file", "profile_json", type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="profile.json of the served model, for --overlay (default: the served detector's input size and the built-in intensity window).")
-
-
-def _write_json(data: dict, target: str) -> None:
-    text = json.dumps(data, indent=2) + "\n"
-    if target == "-":
-        click.echo(text, nl=False)
-    else:
-        Path(target).write_text(text)
 
 
 @click.command()
 @click.argument("patient_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--age", type=float, help="Age in years; overrides the DICOM PatientAge (the server checks the range).")
 @client_options
-@click.option("--json", "json_out", metavar="FILE|-", help="Write the diagnosis as JSON to FILE, or stdout with -.")
+@json_option("the diagnosis")
 @click.option("--overlay", "overlay_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write one PNG per series to this folder: the detected boxes, class and probability on the detector input (Fig. 4).")
 @overlay_profile_option
@@ -123,19 +115,17 @@ def diagnose(patient_dir: Path, age: float | None, client: dict, json_out: str |
             dx = diagnosis_client.diagnose(files, age)
             settings = diagnosis_client.fusion_settings() if overlay_dir else None
         image_cfg = _overlay_image_config(profile_json, client) if overlay_dir else None
-    except FileNotFoundError as e:
-        raise click.BadParameter(str(e), param_hint="PATIENT_DIR") from e
-    except (DiagnosisError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    except (DiagnosisError, FileNotFoundError, ValueError) as e:
+        raise WffError(str(e)) from e
     if json_out:
-        _write_json(dx.to_dict(), json_out)
+        write_json(dx.to_dict(), json_out)
     if overlay_dir:
         from wff.client.overlay import write_overlays
 
         try:
             paths = write_overlays(files, dx, image_cfg, overlay_dir, patient_dir.resolve().name, settings.det_threshold)
         except ValueError as e:
-            raise click.ClickException(f"overlays not written: {e}") from e
+            raise WffError(f"overlays not written: {e}") from e
         click.echo(f"{len(paths)} overlay PNGs written to {overlay_dir}", err=True)
     if json_out != "-":
         click.echo(format_diagnosis(dx))
@@ -146,7 +136,7 @@ def diagnose(patient_dir: Path, age: float | None, client: dict, json_out: str |
 @click.option("--split", default="test", show_default=True, help="labels.csv split to evaluate.")
 @client_options
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(min=1), help="Requests in flight.")
-@click.option("--json", "json_out", metavar="FILE|-", help="Write metrics as JSON to FILE, or stdout with -.")
+@json_option("the metrics and every patient's result")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False, path_type=Path), help="Write one row per patient to this CSV.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write the report to this folder: table3, per_location (Fig. 6), sequences (Fig. 7) as JSON/CSV/PNG, roc.png, patients.csv.")
@@ -158,8 +148,9 @@ def evaluate(dataset: Path, split: str, client: dict, concurrency: int, json_out
     """Diagnose every patient of a split over gRPC; print Table 3 (ACC, AUC, SE, SP) for the six strategies,
     the errors per vertebral location (Fig. 6) and the ACC per MRI sequence (Fig. 7).
 
-    Exit code 0 when every patient was diagnosed; 1 when any failed (after every output is written,
-    with the failures counted by reason on stderr) or no server answered; 2 for bad arguments."""
+    Exit status 0 when every patient was diagnosed; 1 when any failed (after every output is written,
+    with the failures counted by reason on stderr), the dataset cannot be read or no server answered;
+    2 for bad arguments."""
     from wff.client import evaluate as ev
     from wff.client import report as rp
     from wff.client.grpc_client import DiagnosisError
@@ -169,14 +160,14 @@ def evaluate(dataset: Path, split: str, client: dict, concurrency: int, json_out
     try:
         records = load_records(dataset, split)
     except (FileNotFoundError, ValueError) as e:
-        raise click.BadParameter(str(e), param_hint="DATASET") from e
+        raise WffError(str(e)) from e
     if not records:
-        raise click.BadParameter(f"no patients with split {split!r} in {dataset / 'labels.csv'}", param_hint="--split")
+        raise WffError(f"no patients with split {split!r} in {dataset / 'labels.csv'}; give a split that labels.csv has (--split)")
     with click.progressbar(length=len(records), label=f"diagnosing {len(records)} patients", file=sys.stderr) as bar:
         try:
             report = ev.evaluate(records, concurrency=concurrency, on_done=lambda _: bar.update(1), **client)
         except DiagnosisError as e:
-            raise click.ClickException(str(e)) from e
+            raise WffError(str(e)) from e
     for r in report.results:
         if r.error:
             click.echo(f"{r.patient_id}: {r.error}", err=True)
@@ -184,12 +175,12 @@ def evaluate(dataset: Path, split: str, client: dict, concurrency: int, json_out
         report.write_csv(csv_out)
     data = report.to_dict()
     if json_out:
-        _write_json(data, json_out)
+        write_json(data, json_out)
     if report_dir:
         files = rp.write_report(report, report_dir)
         click.echo(f"report: {len(files)} files written to {report_dir}", err=True)
     if overlay_dir and report.errors < len(report.results):
-        _write_misclassified_overlays(report, records, overlay_dir, profile_json, client)
+        write_misclassified_overlays(report, records, overlay_dir, profile_json, client)
     if json_out != "-":
         done = len(report.results) - report.errors
         click.echo(f"{done} of {len(report.results)} patients diagnosed ({report.errors} errors), "
@@ -203,7 +194,7 @@ def evaluate(dataset: Path, split: str, client: dict, concurrency: int, json_out
             click.echo(rp.format_sequences(data["sequences"]))
     if report.errors:
         click.echo(format_failures(report.failures(), len(report.results)), err=True)
-        raise click.ClickException(f"{report.errors} of {len(report.results)} patients failed (counted by reason above)")
+        raise WffError(f"{report.errors} of {len(report.results)} patients failed (counted by reason above)")
 
 
 def format_failures(failures: dict[str, list[str]], patients: int, shown: int = 5) -> str:
@@ -215,8 +206,9 @@ def format_failures(failures: dict[str, list[str]], patients: int, shown: int = 
     return "\n".join(lines)
 
 
-def _write_misclassified_overlays(report, records, overlay_dir: Path, profile_json: Path | None, client: dict) -> None:
-    """Overlays of every patient whose served diagnosis is wrong, named after its dataset folder."""
+def write_misclassified_overlays(report, records, overlay_dir: Path, profile_json: Path | None, client: dict) -> tuple[int, int]:
+    """Overlays of every patient whose served diagnosis is wrong, named after its dataset folder;
+    returns (PNGs written, misclassified patients)."""
     from wff.client.grpc_client import DiagnosisError, read_patient_files
     from wff.client.overlay import write_overlays
     from wff.config import LABELS
@@ -224,7 +216,7 @@ def _write_misclassified_overlays(report, records, overlay_dir: Path, profile_js
     try:
         image_cfg = _overlay_image_config(profile_json, client)
     except (DiagnosisError, ValueError) as e:
-        raise click.ClickException(f"overlays not written: {e}") from e
+        raise WffError(f"overlays not written: {e}") from e
     folders = {r.patient_id: r.path for r in records}
     wrong = [r for r in report.results if r.diagnosis is not None and r.diagnosis.label != LABELS[r.label]]
     written = 0
@@ -235,3 +227,4 @@ def _write_misclassified_overlays(report, records, overlay_dir: Path, profile_js
         except (FileNotFoundError, ValueError) as e:
             click.echo(f"{r.patient_id}: overlay not written: {e}", err=True)
     click.echo(f"overlays: {written} PNGs of {len(wrong)} misclassified patients written to {overlay_dir}", err=True)
+    return written, len(wrong)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import tempfile
 from pathlib import Path
 
 import click
 
+from wff.cli import WffError, json_option, write_json
 from wff.client.cli import tls_options
-from wff.serving.cli import SET_HELP, trained_serving_for_click
+from wff.client.grpc_client import DEFAULT_TIMEOUT_S
+from wff.serving.cli import SET_HELP, trained_serving
 
 
 def _patients(dataset: Path | None, split: str | None, patient_dirs: tuple[Path, ...], max_patients: int) -> list:
@@ -22,13 +23,13 @@ def _patients(dataset: Path | None, split: str | None, patient_dirs: tuple[Path,
         try:
             folders += [r.path for r in load_records(dataset, split)]
         except (FileNotFoundError, ValueError) as e:
-            raise click.BadParameter(str(e), param_hint="--dataset") from e
+            raise WffError(str(e)) from e
     if not folders:
         raise click.UsageError("give good patients: --dataset DIR and/or --patient DIR")
     try:
         return [read_patient_files(f) for f in folders[:max_patients]]
     except FileNotFoundError as e:
-        raise click.BadParameter(str(e), param_hint="--dataset/--patient") from e
+        raise WffError(str(e)) from e
 
 
 @click.command()
@@ -49,13 +50,15 @@ def _patients(dataset: Path | None, split: str | None, patient_dirs: tuple[Path,
 @click.option("--bad-fraction", default=0.3, show_default=True, type=click.FloatRange(0, 1), help="Share of bad requests.")
 @click.option("--sample-every", "sample_every_s", default=5.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds between memory samples.")
 @click.option("--max-growth-mib", default=64.0, show_default=True, type=click.FloatRange(min=0), help="Allowed memory growth (trend) after the warm-up.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--timeout", "timeout_s", default=DEFAULT_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait for each answer.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the mix of good and bad requests.")
 @click.option("--set", "overrides", multiple=True, metavar="serving.KEY=VALUE", help=SET_HELP)
 @tls_options
-@click.option("--json", "json_out", metavar="FILE|-", help="Write the report (counts, latencies, memory samples) as JSON.")
+@json_option("the report (counts, latencies, memory samples)")
 def soak(url: str | None, repository: Path | None, artifacts: Path | None, dataset: Path | None, split: str | None,
          patient_dirs: tuple[Path, ...], max_patients: int, minutes: float, warmup_minutes: float, concurrency: int, bad_fraction: float,
-         sample_every_s: float, max_growth_mib: float, seed: int, overrides: tuple[str, ...], tls: dict, json_out: str | None) -> None:
+         sample_every_s: float, max_growth_mib: float, timeout_s: float, seed: int, overrides: tuple[str, ...], tls: dict, json_out: str | None) -> None:
     """Send good and bad patients at full concurrency for --minutes; exit 1 unless every good one was diagnosed,
     every bad one rejected, the server survived and its memory did not grow beyond --max-growth-mib."""
     from wff.client.grpc_client import DiagnosisError
@@ -66,10 +69,10 @@ def soak(url: str | None, repository: Path | None, artifacts: Path | None, datas
 
     if sum(x is not None for x in (url, repository, artifacts)) != 1:
         raise click.UsageError("give exactly one of --url HOST:PORT, --repository DIR or --artifacts DIR")
-    serving = trained_serving_for_click(artifacts, overrides)
+    serving = trained_serving(artifacts, overrides)
     patients = _patients(dataset, split, patient_dirs, max_patients)
     settings = dict(duration_s=minutes * 60, warmup_s=warmup_minutes * 60, concurrency=concurrency, bad_fraction=bad_fraction, sample_every_s=sample_every_s,
-                    max_growth_bytes=int(max_growth_mib * MIB), seed=seed, tls=tls)
+                    max_growth_bytes=int(max_growth_mib * MIB), seed=seed, timeout_s=timeout_s, tls=tls)
     with tempfile.TemporaryDirectory(prefix="wff-soak-") as tmp:
         try:
             if url is not None:
@@ -88,13 +91,10 @@ def soak(url: str | None, repository: Path | None, artifacts: Path | None, datas
                     if server.stub_restarts:
                         report.failures["backend stub restarts"] = [str(r) for r in server.stub_restarts]
         except (ServerError, DiagnosisError, FileNotFoundError, ValueError) as e:
-            raise click.ClickException(str(e)) from e
-    text = json.dumps(report.to_dict(), indent=2) + "\n"
-    if json_out == "-":
-        click.echo(text, nl=False)
-    else:
-        if json_out:
-            Path(json_out).write_text(text)
+            raise WffError(str(e)) from e
+    if json_out:
+        write_json(report.to_dict(), json_out)
+    if json_out != "-":
         click.echo(report.summary())
     if not report.passed:
-        raise click.ClickException("soak failed (see the counts above)")
+        raise WffError("soak failed: see the counts of its report")

@@ -102,7 +102,7 @@ serve() {
         "${tls[@]}" \
         --shm-default-bytes "$SHM_DEFAULT_BYTES" --shm-growth-bytes "$SHM_GROWTH_BYTES" \
         --server-malloc "$SERVER_MALLOC" \
-        --exit-timeout "$EXIT_TIMEOUT_S" --timeout "$STARTUP_TIMEOUT_S" \
+        --exit-timeout "$EXIT_TIMEOUT_S" --startup-timeout "$STARTUP_TIMEOUT_S" \
         --log-verbose "$LOG_VERBOSE" --log-file - \
         -- --allow-gpu-metrics="$gpu_metrics" "$@"
 }

@@ -38,13 +38,13 @@ def fold_models_dir(artifacts: str | Path, fold: int) -> Path:
 def fold_models(artifacts: Path, profile: Profile, step: str) -> list[Path]:
     """The exported fold models of ``step`` ("detector" or "classifier") in a ``wff train`` output, fold 1
     first; ValueError naming what is missing (runs trained before fold models were exported need
-    ``wff export-folds``)."""
+    ``wff dev export-folds``)."""
     paths = [fold_models_dir(artifacts, k) / ARTIFACT_MODELS[step] for k in range(profile.train.cv_folds)]
     missing = [str(p.relative_to(artifacts)) for p in paths if not p.is_file()]
     if missing:
         raise ValueError(
             f"{artifacts}: serving.members is 'folds' but {missing} are missing; export the fold models with "
-            f"wff export-folds DATASET {artifacts} (from the .pt files that train.save_fold_models keeps), or serve "
+            f"wff dev export-folds DATASET {artifacts} (from the .pt files that train.save_fold_models keeps), or serve "
             f"serving.members=final"
         )
     return paths

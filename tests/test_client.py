@@ -391,7 +391,7 @@ class TestCli:
             (["diagnose", ".", "--age", "old"], "'old' is not a valid float"),
             (["diagnose", ".", "--timeout", "0"], "--timeout"),
             (["evaluate", ".", "--concurrency", "0"], "--concurrency"),
-            (["diagnose", ".", "--overlay", "x", "--profile", "/nonexistent/profile.json"], "--profile"),
+            (["diagnose", ".", "--overlay", "x", "--profile-file", "/nonexistent/profile.json"], "--profile-file"),
             (["evaluate", ".", "--report"], "--report"),
         ],
     )
@@ -433,15 +433,15 @@ class TestCli:
         assert result.exit_code == 2 and "--tls-cert and --tls-key go together" in result.output
 
     def test_evaluate_without_labels(self, tmp_path):
-        """A folder without labels.csv is a usage error naming the file."""
+        """A folder without labels.csv is an error (exit 1) naming the file."""
         result = CliRunner().invoke(main, ["evaluate", str(tmp_path)])
-        assert result.exit_code == 2 and "labels.csv" in result.output
+        assert result.exit_code == 1 and result.stderr.startswith("wff: error: ") and "labels.csv" in result.stderr
 
     def test_evaluate_unknown_split(self, tmp_path):
-        """An unknown split is a usage error naming the valid ones."""
+        """A split that labels.csv does not have is an error (exit 1) naming the valid ones."""
         write_dataset(tmp_path, [("P1", "benign", "50", "lumbar", "test")])
         result = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--split", "val"])
-        assert result.exit_code == 2 and "split 'val' is not one of train, test" in result.output
+        assert result.exit_code == 1 and "split 'val' is not one of train, test" in result.stderr
 
 
 def test_diagnosis_json_is_plain(tmp_path):

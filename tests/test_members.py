@@ -168,7 +168,7 @@ class TestMemberRunner:
 
     def test_missing_fold_models_say_what_to_run(self, tmp_path):
         artifacts = write_artifacts(TINY, tmp_path / "artifacts")
-        with pytest.raises(ValueError, match="wff export-folds"):
+        with pytest.raises(ValueError, match="wff dev export-folds"):
             fold_models(artifacts, TINY, "detector")
 
 

@@ -88,7 +88,7 @@ class TestPaperProfileSmoke:
         assert len(dx.series_m) >= 1 and np.all((dx.series_m >= 0) & (dx.series_m <= 1))
 
     def test_onnx_runtime_matches_pytorch_on_the_test_split(self, paper_run):
-        """wff parity on the paper profile (DeformConv in the graph): both test patients, every slice and
+        """wff dev parity on the paper profile (DeformConv in the graph): both test patients, every slice and
         clip, within the tolerance and with no decision changed."""
         from wff.training.parity import format_parity, split_parity
 

@@ -1,4 +1,4 @@
-"""wff refit-fusion: the fusion chosen again from a run's out-of-fold components, nothing trained."""
+"""wff dev refit-fusion: the fusion chosen again from a run's out-of-fold components, nothing trained."""
 
 import json
 
@@ -59,12 +59,13 @@ def test_missing_components_named(tmp_path):
 
 def test_cli(tmp_path):
     art = run_folder(tmp_path)
-    result = CliRunner().invoke(main, ["refit-fusion", str(art), "--set", "fusion.calibrate=true", "--set", "fusion.det_threshold_grid=[0.1, 0.5]"])
+    result = CliRunner().invoke(main, ["dev", "refit-fusion", str(art), "--set", "fusion.calibrate=true", "--set", "fusion.det_threshold_grid=[0.1, 0.5]",
+                                       "--json", "-"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["calibration"]["d"][0] < 1 and out["det_threshold"] in (0.1, 0.5)
     assert load_profile(art / "profile.json").fusion.det_threshold_grid == (0.1, 0.5)
-    bad = CliRunner().invoke(main, ["refit-fusion", str(art), "--set", "detector.epochs=2"])
+    bad = CliRunner().invoke(main, ["dev", "refit-fusion", str(art), "--set", "detector.epochs=2"])
     assert bad.exit_code == 2 and "fusion.* settings only" in bad.output
 
 
@@ -72,7 +73,7 @@ def test_cli_operating_point(tmp_path):
     """A prevalence and a vote-threshold grid go through --set, land in profile.json, and the
     chosen thresholds in fusion.json; a prevalence outside (0, 1) is refused naming the key."""
     art = run_folder(tmp_path)
-    result = CliRunner().invoke(main, ["refit-fusion", str(art), "--set", "fusion.cv_metric=expected_acc",
+    result = CliRunner().invoke(main, ["dev", "refit-fusion", str(art), "--set", "fusion.cv_metric=expected_acc",
                                        "--set", "fusion.prevalence=0.3", "--set", "fusion.vote_threshold_grid=[0.4, 0.5, 0.6]"])
     assert result.exit_code == 0, result.output
     fusion = load_profile(art / "profile.json").fusion
@@ -80,6 +81,6 @@ def test_cli_operating_point(tmp_path):
     saved = load_fusion_settings(art / "fusion.json")
     assert set(saved.vote_thresholds) == set(saved.strategies) and set(saved.vote_thresholds.values()) <= {0.4, 0.5, 0.6}
     assert saved.cv["prevalence"] == 0.3
-    bad = CliRunner().invoke(main, ["refit-fusion", str(art), "--set", "fusion.prevalence=1.5",
+    bad = CliRunner().invoke(main, ["dev", "refit-fusion", str(art), "--set", "fusion.prevalence=1.5",
                                     "--set", "fusion.cv_metric=expected_acc"])
     assert bad.exit_code != 0 and "fusion.prevalence" in bad.output

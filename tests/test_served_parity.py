@@ -248,7 +248,7 @@ class TestServedFoldMembers:
         assert differs, "the fold ensemble answered exactly as the final model"
 
     def test_export_folds_recreates_them(self, trained, tmp_path):
-        """wff export-folds on a run without fold ONNX files writes them again from the .pt checkpoints,
+        """wff dev export-folds on a run without fold ONNX files writes them again from the .pt checkpoints,
         with the same outputs as the ones training exported."""
         import shutil
 
@@ -271,7 +271,7 @@ class TestServedFoldMembers:
 
 class TestSplitParity:
     def test_onnx_runtime_matches_pytorch_on_the_test_split(self, trained):
-        """wff parity: every test patient through the checkpoints and the exported models agrees within
+        """wff dev parity: every test patient through the checkpoints and the exported models agrees within
         the tolerance, with detections and clips actually compared."""
         from wff.training.parity import format_parity, split_parity
 

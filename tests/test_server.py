@@ -192,12 +192,12 @@ class TestClientCommands:
 def test_serve_command_stops_on_sigterm(tiny_artifacts, tmp_path):
     """wff serve --artifacts builds, serves until SIGTERM, then exits 0."""
     ports = [str(free_port()) for _ in range(3)]
-    args = [sys.executable, "-m", "wff", "serve", "--artifacts", str(tiny_artifacts), "--timeout", str(STARTUP_LIMIT_S),
+    args = [sys.executable, "-m", "wff", "serve", "--artifacts", str(tiny_artifacts), "--startup-timeout", str(STARTUP_LIMIT_S),
             "--grpc-port", ports[0], "--http-port", ports[1], "--metrics-port", ports[2]]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         started = []
-        for line in proc.stdout:  # until wff serve says it serves (it exits by itself after --timeout)
+        for line in proc.stdout:  # until wff serve says it serves (it exits by itself after --startup-timeout)
             started.append(line)
             if line.startswith("Ctrl-C to stop."):
                 break

@@ -193,9 +193,9 @@ class TestCli:
         assert "wrote 2 training" in result.stderr
 
     def test_refuses_existing_dataset(self, dataset):
-        """An existing dataset is not overwritten."""
+        """An existing dataset is not overwritten: exit 1 with the one error format."""
         result = CliRunner().invoke(data, ["synth", str(dataset), "--size", "tiny"])
-        assert result.exit_code == 2 and "already holds a dataset" in result.output
+        assert result.exit_code == 1 and "wff: error:" in result.stderr and "already holds a dataset" in result.stderr
 
     def test_refuses_one_patient_split(self, tmp_path):
         """A split needs a patient per class."""

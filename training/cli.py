@@ -1,18 +1,19 @@
-"""``wff train``: the training protocol of wff.training.train as a command."""
+"""``wff train`` and the model-development tools of ``wff dev`` (parity, refit-fusion, export-folds)."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
+from wff.cli import WffError, json_option, write_json
 from wff.config import PROFILES, Profile, get_profile, profile_from_dict
 
 
 def apply_overrides(profile: Profile, overrides: tuple[str, ...]) -> Profile:
-    """``section.key=value`` overrides (value parsed as JSON, else kept as text)."""
+    """``section.key=value`` overrides (value parsed as JSON, else kept as text); a bad one is a
+    click.BadParameter of ``--set``."""
     data = profile.to_dict()
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -24,7 +25,10 @@ def apply_overrides(profile: Profile, overrides: tuple[str, ...]) -> Profile:
         except json.JSONDecodeError:
             value = raw
         data[section][field] = value
-    return profile_from_dict(data, where="--set")
+    try:
+        return profile_from_dict(data, where="--set")
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--set") from e
 
 
 def progress_printer(message: str) -> None:
@@ -33,7 +37,8 @@ def progress_printer(message: str) -> None:
 
 @click.command()
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default="small", show_default=True)
+@click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default="small", show_default=True,
+              help="Training profile: small (CPU) or paper (the paper's models, for a GPU).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Artifacts folder [runs/<profile>].")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a profile value (repeatable).")
@@ -43,10 +48,12 @@ def progress_printer(message: str) -> None:
 @click.option("--final-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Artifacts of an earlier run on the same dataset: reuse its final detector and classifier (same image, "
                    "detector, classifier settings and train.seed required) and train only the cross-validation folds.")
+@json_option("the summary (artifacts folder, out-of-fold metrics, ONNX parity)")
 def train(dataset: Path, profile_name: str, out: Path | None, device: str, overrides: tuple[str, ...], detectors_from: Path | None,
-          final_from: Path | None) -> None:
+          final_from: Path | None, json_out: str | None) -> None:
     """Train detector and sequence classifier, choose the fusion weights by cross-validation,
     export ONNX and write the artifacts the server needs."""
+    from wff.ensemble.metrics import format_table
     from wff.training.train import run_training
 
     if device.startswith("cuda"):
@@ -59,42 +66,59 @@ def train(dataset: Path, profile_name: str, out: Path | None, device: str, overr
     try:
         run_training(dataset, out, profile, device=device, progress=progress_printer, detectors_from=detectors_from, final_from=final_from)
     except (ValueError, FileNotFoundError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        raise WffError(str(e)) from e
     report = json.loads((out / "train_report.json").read_text())
-    click.echo(json.dumps({"artifacts": str(out), "cv": report["cv"]["out_of_fold"], "onnx_parity": report["onnx_parity"]}, indent=2))
+    summary = {"artifacts": str(out), "cv": report["cv"]["out_of_fold"], "onnx_parity": report["onnx_parity"]}
+    if json_out:
+        write_json(summary, json_out)
+    if json_out != "-":
+        parity = summary["onnx_parity"]
+        click.echo(f"artifacts: {out}")
+        click.echo("cross-validation, out of fold:")
+        click.echo(format_table(summary["cv"]))
+        click.echo(f"ONNX Runtime vs PyTorch: detector max |diff| {parity['detector_max_abs_diff']:.2g}, "
+                   f"classifier {parity['classifier_max_abs_diff']:.2g}")
 
 
 @click.command("refit-fusion")
 @click.argument("artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="fusion.KEY=VALUE",
-              help="Fusion setting to change, e.g. fusion.calibrate=true or fusion.cv_metric=acc (repeatable).")
-def refit_fusion(artifacts: Path, overrides: tuple[str, ...]) -> None:
+              help="Fusion setting to change, e.g. fusion.cv_metric=expected_acc (repeatable).")
+@json_option("the new fusion settings")
+def refit_fusion(artifacts: Path, overrides: tuple[str, ...], json_out: str | None) -> None:
     """Choose the fusion weights, voting threshold and calibration of a trained run again from its
     out-of-fold components (cv_components.json), with some fusion settings changed; nothing is
     trained. Rewrites fusion.json, profile.json and train_report.json in ARTIFACTS; rebuild the
     model repository (wff repo build) to serve the new choice."""
     from wff.config import load_profile
+    from wff.ensemble.metrics import format_table
     from wff.training.train import refit_fusion as refit
 
+    others = [o for o in overrides if not o.startswith("fusion.")]
+    if others:
+        raise click.BadParameter(f"{others}: refit-fusion changes fusion.* settings only", param_hint="--set")
     try:
-        others = [o for o in overrides if not o.startswith("fusion.")]
-        if others:
-            raise ValueError(f"{others}: refit-fusion changes fusion.* settings only")
         current = load_profile(artifacts / "profile.json")
         before, after = current.to_dict()["fusion"], apply_overrides(current, overrides).to_dict()["fusion"]
         fusion_changes = {k: v for k, v in after.items() if v != before[k]}
         settings = refit(artifacts, fusion_changes, progress=progress_printer)
     except (ValueError, FileNotFoundError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    click.echo(json.dumps({"artifacts": str(artifacts), **settings.to_dict()}, indent=2))
+        raise WffError(str(e)) from e
+    if json_out:
+        write_json({"artifacts": str(artifacts), **settings.to_dict()}, json_out)
+    if json_out != "-":
+        weights = " / ".join(f"{w:g}" for w in settings.served_weights)
+        click.echo(f"fusion.json rewritten in {artifacts}: served strategy {settings.served_strategy}, weights {weights}, "
+                   f"voting threshold {settings.det_threshold:g}, vote threshold {settings.vote_threshold():g}")
+        click.echo("cross-validation, out of fold:")
+        click.echo(format_table(settings.cv["out_of_fold"]))
 
 
 @click.command("export-folds")
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def export_folds(dataset: Path, artifacts: Path) -> None:
+@json_option("the ONNX-vs-PyTorch check of every fold")
+def export_folds(dataset: Path, artifacts: Path, json_out: str | None) -> None:
     """Export the cross-validation fold models of a trained run (ARTIFACTS/folds/fold<k>/*.pt) to ONNX
     beside them, each checked against PyTorch on its training patients from DATASET, so that
     serving.members=folds can serve them. wff train does this itself; this is for runs trained before."""
@@ -103,16 +127,20 @@ def export_folds(dataset: Path, artifacts: Path) -> None:
     try:
         parity = export_fold_models(dataset, artifacts, progress=progress_printer)
     except (ValueError, FileNotFoundError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    click.echo(json.dumps({"artifacts": str(artifacts), "fold_onnx_parity": parity}, indent=2))
+        raise WffError(str(e)) from e
+    if json_out:
+        write_json({"artifacts": str(artifacts), "fold_onnx_parity": parity}, json_out)
+    if json_out != "-":
+        for k, p in enumerate(parity):
+            click.echo(f"fold {k}: ONNX Runtime vs PyTorch max |diff| detector {p['detector_max_abs_diff']:.2g}, "
+                       f"classifier {p['classifier_max_abs_diff']:.2g}")
 
 
 @click.command("parity")
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--split", default="test", show_default=True, help="labels.csv split to compare on.")
-@click.option("--json", "json_out", metavar="FILE|-", help="Write the summary as JSON to FILE, or stdout with -.")
+@json_option("the summary")
 def parity(dataset: Path, artifacts: Path, split: str, json_out: str | None) -> None:
     """Compare a trained run's ONNX models (ONNX Runtime) with its PyTorch checkpoints on every patient
     of a split: detector and classifier outputs on the same inputs, and every strategy's decision.
@@ -122,12 +150,11 @@ def parity(dataset: Path, artifacts: Path, split: str, json_out: str | None) -> 
     try:
         summary = split_parity(dataset, artifacts, split, progress=progress_printer)
     except (ValueError, FileNotFoundError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    if json_out == "-":
-        click.echo(json.dumps(summary, indent=2))
-    else:
+        raise WffError(str(e)) from e
+    if json_out:
+        write_json(summary, json_out)
+    if json_out != "-":
         click.echo(format_parity(summary))
-        if json_out:
-            Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
-    sys.exit(0 if summary["passed"] else 1)
+    if not summary["passed"]:
+        raise WffError(f"the ONNX models in {artifacts} do not reproduce its PyTorch checkpoints on the {split} split within the "
+                       "tolerance (see the summary); check that each .onnx file is the export of the .pt beside it")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import click
 
+from wff.cli import WffError, json_option, write_json
 from wff.training.synth import SIZES, class_counts, generate_patients
 
 
@@ -45,7 +45,7 @@ def summarize(out_dir: Path, n_train: int, n_test: int, seconds: float) -> dict:
 @click.option("--train", "n_train", type=click.IntRange(min=2), default=None, help="Training patients (overrides --size, same class mix).")
 @click.option("--test", "n_test", type=click.IntRange(min=2), default=None, help="Test patients (overrides --size, same class mix).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same dataset, byte for byte.")
-@click.option("--json", "json_out", default=None, metavar="FILE|-", help="Write the summary as JSON to FILE, or to stdout with -.")
+@json_option("the summary")
 def synth(out_dir: Path, size: str, n_train: int | None, n_test: int | None, seed: int, json_out: str | None) -> None:
     """Write a synthetic sagittal spine MRI dataset (DICOM + LabelMe + labels.csv) to OUT_DIR.
 
@@ -54,7 +54,7 @@ def synth(out_dir: Path, size: str, n_train: int | None, n_test: int | None, see
     """
     n_train, n_test = _scaled(size, n_train, n_test)
     if (out_dir / "labels.csv").exists():
-        raise click.BadParameter(f"{out_dir} already holds a dataset (labels.csv); choose an empty folder", param_hint="OUT_DIR")
+        raise WffError(f"{out_dir} already holds a dataset ({out_dir / 'labels.csv'}); choose an empty folder")
     t0 = time.perf_counter()
     patients = generate_patients(out_dir, n_train, n_test, seed=seed)
     with click.progressbar(patients, length=n_train + n_test, label=f"writing {n_train} + {n_test} patients", file=sys.stderr) as bar:
@@ -69,7 +69,5 @@ def synth(out_dir: Path, size: str, n_train: int | None, n_test: int | None, see
         f"in {summary['seconds']} s to {out_dir}",
         err=True,
     )
-    if json_out == "-":
-        click.echo(json.dumps(summary, indent=2))
-    elif json_out:
-        Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
+    if json_out:
+        write_json(summary, json_out)

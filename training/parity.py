@@ -1,6 +1,6 @@
 """ONNX Runtime against PyTorch on a whole split of a dataset (the test split by default).
 
-    wff parity DATASET ARTIFACTS [--split test] [--json FILE]
+    wff dev parity DATASET ARTIFACTS [--split test] [--json FILE|-]
 
 ``wff train`` checks each export on a few training slices and clips. This runs every patient of
 a split through the run's PyTorch checkpoints and through its exported ONNX models, with the

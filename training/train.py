@@ -29,7 +29,7 @@ and classifier are taken from an earlier run (same image, detector and classifie
 train.seed and train.max_steps, same patients) and only the folds are trained: what a study of
 the cross-validation itself (e.g. full-length fold models, train.cv_epoch_scale = 1) needs.
 
-``refit_fusion`` (``wff refit-fusion ARTIFACTS``) redoes only the choice of step 3 from the
+``refit_fusion`` (``wff dev refit-fusion ARTIFACTS``) redoes only the choice of step 3 from the
 run's cv_components.json with other fusion settings (metric, threshold grid, calibration):
 nothing is trained and the test split is not read.
 
@@ -365,7 +365,7 @@ def export_fold_models(dataset: str | Path, artifacts: str | Path, progress: Pro
     for k, (held_out, fold) in enumerate(zip(folds, paths)):
         fold_patients = [patients[i] for i in np.setdiff1d(np.arange(len(patients)), held_out)]
         digest = training_set_digest(fold_patients)
-        models = [reuse_model(path, kind, profile, digest, (), "wff export-folds") for kind, path in fold.items()]
+        models = [reuse_model(path, kind, profile, digest, (), "wff dev export-folds") for kind, path in fold.items()]
         fold_dir = fold_models_dir(artifacts, k)
         parity.append(export_and_check(*models, fold_patients, profile, fold_dir))
         progress(f"fold {k + 1}/{len(folds)}: exported to {fold_dir} (parity {parity[-1]})")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from wff.cli import WffError
 from wff.config import PROFILES, Profile, ServingConfig
 from wff.serving.server import EXIT_TIMEOUT_S, SHM_GROWTH_BYTES, STARTUP_TIMEOUT_S
 
@@ -32,7 +33,8 @@ def serving_overrides(profile: Profile, overrides: tuple[str, ...]) -> ServingCo
 def trained_serving(artifacts: Path | None, overrides: tuple[str, ...]) -> ServingConfig | None:
     """The serving section of the run in ``artifacts`` with ``--set`` overrides applied (None without any).
 
-    Raises FileNotFoundError or ValueError for a missing or bad profile.json and click errors for bad ``--set`` use.
+    A missing or bad profile.json is a WffError, a bad ``--set`` a click usage error
+    (wff repo build, wff serve, wff soak, wff bench).
     """
     from wff.config import load_profile
 
@@ -40,15 +42,11 @@ def trained_serving(artifacts: Path | None, overrides: tuple[str, ...]) -> Servi
         return None
     if artifacts is None:
         raise click.UsageError("--set needs --artifacts (a built repository keeps the settings it was built with)")
-    return serving_overrides(load_profile(artifacts / "profile.json"), overrides)
-
-
-def trained_serving_for_click(artifacts: Path | None, overrides: tuple[str, ...]) -> ServingConfig | None:
-    """:func:`trained_serving` with file and value errors as click errors (wff repo build, wff serve, wff soak)."""
     try:
-        return trained_serving(artifacts, overrides)
+        profile = load_profile(artifacts / "profile.json")
     except (FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+        raise WffError(str(e)) from e
+    return serving_overrides(profile, overrides)
 
 
 @click.group()
@@ -63,7 +61,7 @@ def repo() -> None:
 @click.option("--artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="wff train output (profile.json, detector.onnx, classifier.onnx, age_prior.json, fusion.json).")
 @click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default="small", show_default=True,
-              help="Profile for a configs-only repository (without --artifacts).")
+              help="Training profile whose settings a configs-only repository (without --artifacts) gets.")
 @click.option("--instance-kind", type=click.Choice(["KIND_CPU", "KIND_GPU"]), help="Override the detector/classifier instance kind.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
 @click.option("--set", "overrides", multiple=True, metavar="serving.KEY=VALUE", help=SET_HELP)
@@ -72,11 +70,11 @@ def build(out: Path, target: str, artifacts: Path | None, profile_name: str, ins
     """Write a complete Triton model repository for TARGET into OUT."""
     from wff.serving.repository import build_repository
 
-    serving = trained_serving_for_click(artifacts, overrides)
+    serving = trained_serving(artifacts, overrides)
     try:
         build_repository(out, target, artifacts, PROFILES[profile_name], instance_kind, overwrite=force, serving=serving)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+        raise WffError(str(e)) from e
     click.echo(f"{target} repository written to {out}" + ("" if artifacts else " (configs only: no --artifacts)"))
 
 
@@ -95,7 +93,8 @@ def build(out: Path, target: str, artifacts: Path | None, profile_name: str, ins
 @click.option("--log-verbose", default=0, show_default=True, type=click.IntRange(0, 3), help="tritonserver --log-verbose.")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the server log here (default: a temporary file; - for standard output).")
-@click.option("--timeout", "startup_timeout", default=STARTUP_TIMEOUT_S, show_default=True, help="Seconds to wait for the server to be ready.")
+@click.option("--startup-timeout", "startup_timeout", default=STARTUP_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait for the models to load and the server to be ready.")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="PEM server certificate: gRPC over TLS (clients: --tls-ca). Needs --tls-key.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="PEM private key of --tls-cert.")
@@ -131,13 +130,13 @@ def serve(repository: Path | None, artifacts: Path | None, address: str, grpc_ad
         raise click.UsageError("give both --tls-cert and --tls-key, or neither")
     if tls_client_ca is not None and tls_cert is None:
         raise click.UsageError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-    serving = trained_serving_for_click(artifacts, overrides)
+    serving = trained_serving(artifacts, overrides)
     with tempfile.TemporaryDirectory(prefix="wff-repo-") as tmp:
         if artifacts is not None:
             try:
                 repository = build_repository(Path(tmp) / "repository", "embedded", artifacts, serving=serving)
             except (FileNotFoundError, ValueError) as e:
-                raise click.ClickException(str(e)) from e
+                raise WffError(str(e)) from e
         try:
             server = TritonServer(repository, address, grpc_port, http_port, metrics_port, log_verbose, log_file, startup_timeout,
                                   shm_default_bytes=shm_default_bytes, shm_growth_bytes=shm_growth_bytes,
@@ -146,7 +145,7 @@ def serve(repository: Path | None, artifacts: Path | None, address: str, grpc_ad
                                   tls_client_ca=tls_client_ca, tritonserver=tritonserver_bin, backends=backend_directory,
                                   extra_args=triton_args)
         except ServerError as e:
-            raise click.ClickException(str(e)) from e
+            raise WffError(str(e)) from e
         stop, received = threading.Event(), []
 
         def on_signal(signum, _frame) -> None:
@@ -166,12 +165,12 @@ def serve(repository: Path | None, artifacts: Path | None, address: str, grpc_ad
             click.echo("Ctrl-C to stop.")
             while not stop.wait(1.0):
                 if not server.is_running():
-                    raise click.ClickException(server.failure or f"tritonserver exited; last log lines:\n{server.log_tail()}")
+                    raise WffError(server.failure or f"tritonserver exited; last log lines:\n{server.log_tail()}")
             click.echo("stopping tritonserver", err=True)
         except StartCancelled:
             click.echo(f"{received[0]} while tritonserver was starting: stopped it", err=True)
         except ServerError as e:
-            raise click.ClickException(str(e)) from e
+            raise WffError(str(e)) from e
         finally:
             server.close()
             for s, handler in previous.items():

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
+from wff.cli import WffError, json_option, write_json
 from wff.serving.trt import DEFAULT_PRECISION, DEFAULT_WORKSPACE_MIB, TIMING_CACHE_NAME, build_plans, trtexec_command
 from wff.serving.trt_cache import PLAN_CACHE_ENV
 from wff.serving.trt_preflight import MODEL_STEPS, PlanError, preflight
@@ -54,7 +54,7 @@ def check(repository: Path, models: tuple[str, ...], precision: str) -> None:
     try:
         checked = preflight(repository, models or MODEL_STEPS)
     except PlanError as e:
-        raise click.ClickException(str(e)) from e
+        raise WffError(str(e)) from e
     problems = 0
     for spec, issues in checked:
         click.echo(f"{spec.step}: max_batch_size {spec.max_batch_size}, opt batch {spec.opt_batch}")
@@ -66,7 +66,7 @@ def check(repository: Path, models: tuple[str, ...], precision: str) -> None:
             click.echo(click.style(f"  TensorRT: {issue}", fg="red"), err=True)
         problems += len(issues)
     if problems:
-        raise click.ClickException(f"{problems} TensorRT issue(s); see above")
+        raise WffError(f"{problems} TensorRT issue(s); see above")
     click.echo("ok: every op is in TensorRT 10's ONNX support matrix and the graphs are static but for the batch")
 
 
@@ -91,27 +91,27 @@ def check(repository: Path, models: tuple[str, ...], precision: str) -> None:
 @click.option("--plan-cache", type=click.Path(file_okay=False, path_type=Path), envvar=PLAN_CACHE_ENV, show_envvar=True,
               help="Folder of verified plans shared between servers: a plan for this ONNX, TensorRT, precision and GPU model "
                    "is copied from it instead of built, and a newly built one is stored there.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
-              help="Also write the reports here ('-' for stdout).")
+@json_option("the build and verification report of every plan")
 def build(repository: Path, precision: str, workspace_mib: int, timing_cache: Path | None, models: tuple[str, ...],
           samples: Path | None, verify_batch: int, no_verify: bool, atol: tuple[str, ...], force: bool,
-          plan_cache: Path | None, json_out: Path | None) -> None:
+          plan_cache: Path | None, json_out: str | None) -> None:
     """Build model.plan (+ model.plan.json) for the detector and classifier of REPOSITORY and verify them."""
     overrides = parse_atol(atol)
     try:
         reports = build_plans(repository, precision, workspace_mib, timing_cache, models or MODEL_STEPS, samples,
                               verify_batch, not no_verify, overrides, force, plan_cache)
     except (PlanError, TensorRTUnavailable, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+        raise WffError(str(e)) from e
+    if json_out:
+        write_json(reports, json_out)
+    if json_out == "-":
+        return
     for r in reports:
         v = r.get("verification")
         verdict = "not verified" if v is None else ("verified" if v["passed"] else "FAILED")
         diffs = "" if v is None else ", ".join(f"{k} {d:.3g}" if d is not None else f"{k} -" for k, d in v["max_abs_diff"].items())
         click.echo(f"{r['model']}: {r['plan']} (TensorRT {r['tensorrt_version']}, {r['builder']['precision']}, "
                    f"{r['builder']['build_seconds']} s) {verdict}" + (f"; max abs diff {diffs}" if diffs else ""))
-    if json_out is not None:
-        text = json.dumps(reports, indent=2)
-        click.echo(text) if str(json_out) == "-" else json_out.write_text(text + "\n")
 
 
 @trt.command("versions")
@@ -120,7 +120,7 @@ def versions() -> None:
     try:
         module = tensorrt_module_version()
     except TensorRTUnavailable as e:
-        raise click.ClickException(str(e)) from e
+        raise WffError(str(e)) from e
     server = triton_tensorrt_version()
     click.echo(f"TensorRT Python package: {module}")
     if server is None:
@@ -128,4 +128,4 @@ def versions() -> None:
         return
     click.echo(f"Triton TensorRT backend links libnvinfer {server}")
     if not same_release(module, server):
-        raise click.ClickException(f"TensorRT {module} would build plans that Triton's TensorRT {server} cannot load")
+        raise WffError(f"TensorRT {module} would build plans that Triton's TensorRT {server} cannot load")
