@@ -3,6 +3,7 @@ one meaning per option, exit codes 0 / 1 / 2 and the one error format, and the d
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shlex
@@ -269,6 +270,32 @@ class TestDemo:
             name, *args = shlex.split(line)[1:]
             command = main.get_command(click.Context(main), name)
             command.make_context(name, args)  # raises a click.UsageError if an option or path does not parse
+
+    @pytest.mark.server
+    def test_demo_on_a_trained_run(self, tmp_path):
+        """wff demo on a run whose models exist (stand-in ONNX models, tiny synthetic set): no training;
+        it serves, evaluates the test split, writes the report and the misclassified patients' overlays,
+        and its closing message names them and commands that parse."""
+        from conftest import TINY, write_artifacts
+        from wff.training.synth import SIZES, synthesize_dataset
+
+        dataset, out = tmp_path / "data", tmp_path / "run"
+        synthesize_dataset(dataset, *SIZES["tiny"], seed=0)
+        write_artifacts(TINY, out / "artifacts")
+        ports = [str(free_port()) for _ in range(3)]
+        result = CliRunner().invoke(main, ["demo", "--size", "tiny", "--dataset", str(dataset), "--out", str(out), "--concurrency", "2",
+                                           "--grpc-port", ports[0], "--http-port", ports[1], "--metrics-port", ports[2]], prog_name="wff")
+        assert result.exit_code == 0, result.output
+        evaluation = json.loads((out / "evaluation.json").read_text())
+        assert evaluation["patients"] == SIZES["tiny"][1] and evaluation["errors"] == 0
+        assert {"table3.json", "table3.csv", "roc.png", "per_location.png", "sequences.png"} <= {p.name for p in (out / "report").iterdir()}
+        with (out / "evaluation.csv").open() as f:
+            wrong = {r["patient_id"] for r in csv.DictReader(f) if r["predicted_label"] != r["label"]}
+        overlays = list((out / "overlays").glob("*.png")) if wrong else []
+        assert {p.name.split("_s")[0] for p in overlays} == wrong
+        assert f"{out / 'report'}/" in result.stdout and f"serve --artifacts {out / 'artifacts'}" in result.stdout
+        assert f"evaluate {dataset} --report" in result.stdout
+        assert (f"{len(overlays)} PNGs of the {len(wrong)} misclassified" if wrong else "no test patient was misclassified") in result.stdout
 
     def test_next_steps_without_misclassified_patients(self, tmp_path):
         """No misclassified patient: the message says there are no overlays instead of naming an empty folder."""

@@ -5,7 +5,7 @@ ONNX -> build the embedded Triton repository -> start the real tritonserver -> e
 test split over gRPC -> print Table 3, the per-location and per-sequence tables, write the
 report (JSON, CSV, PNG) and the overlays of the misclassified patients -> stop the server ->
 print where everything is and the next commands to try. Each stage is skipped when its output
-is already there (``--force`` redoes everything).
+is already there (``--force`` redoes all but the dataset).
 """
 
 from __future__ import annotations
@@ -88,7 +88,9 @@ def _wff_command() -> str:
               help="Artifacts of an earlier run on the same dataset whose detectors are reused (see wff train).")
 @click.option("--final-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Artifacts of an earlier run on the same dataset whose final models are reused (see wff train).")
-@click.option("--force", is_flag=True, help="Redo every stage even if its output exists (deletes the dataset folder and --out).")
+@click.option("--force", is_flag=True,
+              help="Train, serve and evaluate again even if their outputs exist (deletes --out; the dataset, synthesized "
+                   "deterministically or given with --dataset, is kept).")
 def demo(size, data_dir, out, profile_name, overrides, concurrency, grpc_port, http_port, metrics_port, detectors_from, final_from,
          force) -> None:
     """Synthesize, train, serve with tritonserver and evaluate the test split over gRPC, then print
@@ -109,8 +111,7 @@ def demo(size, data_dir, out, profile_name, overrides, concurrency, grpc_port, h
     timings: dict[str, float] = {}
     artifacts, repository, overlay_dir = out / "artifacts", out / "repository", out / "overlays"
     if force:
-        for path in (data_dir, out):
-            shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
 
     _stage(f"1/4 synthetic dataset ({size}) -> {data_dir}")
     t = time.perf_counter()
@@ -119,10 +120,11 @@ def demo(size, data_dir, out, profile_name, overrides, concurrency, grpc_port, h
         synthesize_dataset(data_dir, n_train, n_test, seed=0, progress=progress_printer)
     timings["synthesize_s"] = round(time.perf_counter() - t, 1)
 
-    _stage(f"2/4 training the {profile_name} profile -> {artifacts}")
+    trained = (artifacts / "fusion.json").exists()
+    _stage(f"2/4 trained models in {artifacts}: training skipped" if trained else f"2/4 training the {profile_name} profile -> {artifacts}")
     t = time.perf_counter()
     try:
-        if not (artifacts / "fusion.json").exists():
+        if not trained:
             profile = apply_overrides(get_profile(profile_name), overrides)
             run_training(data_dir, artifacts, profile, progress=progress_printer, detectors_from=detectors_from, final_from=final_from)
         timings["train_s"] = round(time.perf_counter() - t, 1)
@@ -140,8 +142,8 @@ def demo(size, data_dir, out, profile_name, overrides, concurrency, grpc_port, h
             click.echo(f"tritonserver ready: gRPC {server.grpc_url}, metrics {server.metrics_url}", err=True)
             with click.progressbar(length=len(records), label=f"diagnosing {len(records)} test patients", file=sys.stderr) as bar:
                 result = evaluate(records, url=server.grpc_url, concurrency=concurrency, on_done=lambda _: bar.update(1))
-            overlays, misclassified = write_misclassified_overlays(result, records, overlay_dir, artifacts / "profile.json",
-                                                                   {"url": server.grpc_url})
+        # decoded here with the trained profile's image settings: no server needed
+        overlays, misclassified = write_misclassified_overlays(result, records, overlay_dir, artifacts / "profile.json", {})
     except (ServerError, DiagnosisError) as e:
         raise WffError(str(e)) from e
     result.write_csv(out / "evaluation.csv")
