@@ -7,32 +7,8 @@ from pathlib import Path
 
 import click
 
-from wff.cli import WffError, json_option, write_json
-from wff.config import PROFILES, Profile, get_profile, profile_from_dict
-
-
-def apply_overrides(profile: Profile, overrides: tuple[str, ...]) -> Profile:
-    """``section.key=value`` overrides (value parsed as JSON, else kept as text); a bad one is a
-    click.BadParameter of ``--set``."""
-    data = profile.to_dict()
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        section, dot, field = key.partition(".")
-        if not sep or not dot or section not in data or field not in data[section]:
-            raise click.BadParameter(f"{item!r}: expected SECTION.KEY=VALUE with a key of the profile, e.g. detector.epochs=2", param_hint="--set")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        data[section][field] = value
-    try:
-        return profile_from_dict(data, where="--set")
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--set") from e
-
-
-def progress_printer(message: str) -> None:
-    click.echo(message, err=True)
+from wff.cli import WffError, apply_overrides, json_option, progress_printer, write_json
+from wff.config import PROFILES, get_profile
 
 
 @click.command()

@@ -7,6 +7,7 @@ Conventions every command follows:
   2 on a usage error (click's own message);
 * ``--json FILE|-`` writes the command's result as JSON to FILE, or to standard output with ``-``
   (:func:`json_option`, :func:`write_json`);
+* ``--set SECTION.KEY=VALUE`` overrides a profile value (:func:`apply_overrides`);
 * ``--url HOST:PORT`` is the gRPC endpoint (``wff metrics``: the metrics endpoint), ``--timeout
   SECONDS`` the limit per request, ``--profile NAME`` a named training profile and
   ``--profile-file PATH`` a profile.json.
@@ -20,8 +21,12 @@ import logging
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from wff.config import Profile
 
 # command name -> "module:attribute" of a click command or group
 COMMANDS = {
@@ -78,6 +83,33 @@ def write_json(data, target: str) -> None:
         Path(target).write_text(text)
     except OSError as e:
         raise WffError(f"cannot write the JSON to {target}: {e.strerror or e}; give a writable file path, or - for standard output") from e
+
+
+def apply_overrides(profile: Profile, overrides: tuple[str, ...]) -> Profile:
+    """``--set SECTION.KEY=VALUE`` overrides of ``profile`` (value parsed as JSON, else kept as text);
+    a bad one is a click.BadParameter of ``--set``. The one place every command's ``--set`` goes through."""
+    from wff.config import profile_from_dict
+
+    data = profile.to_dict()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot or section not in data or field not in data[section]:
+            raise click.BadParameter(f"{item!r}: expected SECTION.KEY=VALUE with a key of the profile, e.g. detector.epochs=2", param_hint="--set")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        data[section][field] = value
+    try:
+        return profile_from_dict(data, where="--set")
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--set") from e
+
+
+def progress_printer(message: str) -> None:
+    """Progress of a long command, on stderr (stdout keeps the result)."""
+    click.echo(message, err=True)
 
 
 class LazyGroup(click.Group):

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import click
 
-from wff.cli import WffError
+from wff.cli import WffError, apply_overrides, progress_printer
 from wff.config import PROFILES, get_profile
-from wff.training.cli import apply_overrides, progress_printer
 
 
 def _stage(name: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from wff.cli import WffError
+from wff.cli import WffError, apply_overrides
 from wff.config import PROFILES, Profile, ServingConfig
 from wff.serving.server import EXIT_TIMEOUT_S, SHM_GROWTH_BYTES, STARTUP_TIMEOUT_S
 
@@ -21,8 +21,6 @@ def serving_overrides(profile: Profile, overrides: tuple[str, ...]) -> ServingCo
 
     Serving settings are deployment, not training; every other section is fixed by the trained models.
     """
-    from wff.training.cli import apply_overrides
-
     if not overrides:
         return None
     if any(not item.startswith("serving.") for item in overrides):
