@@ -42,11 +42,13 @@ COMMANDS = {
     "trt": "wff.serving.trt_cli:trt",
     "demo": "wff.demo:demo",
     "dev": "wff.cli:dev",
+    "pacs": "wff.pacs.cli:pacs",
 }
 
 # libraries beyond the thin client -> the extra that installs them
 EXTRAS = {"torch": "train", "torchvision": "train", "onnxscript": "train", "pytriton": "serve", "openvino": "serve",
-          "onnxruntime": "serve", "onnx": "serve", "tritonclient.http": "serve"}
+          "onnxruntime": "serve", "onnx": "serve", "tritonclient.http": "serve",
+          "pynetdicom": "pacs", "highdicom": "pacs", "dicomweb_client": "pacs", "requests": "pacs"}
 
 # the model-development tools, under ``wff dev``
 DEV_COMMANDS = {
