@@ -46,6 +46,8 @@ from wff.ensemble.fusion import FusionSettings, settings_from_parameters
 ENSEMBLE = contracts_for(SMALL).ensemble
 FILES_INPUT, AGE_INPUT = (spec.name for spec in ENSEMBLE.inputs)
 FUSION_MODEL = contracts_for(SMALL).fusion.name
+DETECTOR_MODEL = contracts_for(SMALL).detector.name
+MODEL_DIGEST_KEY, WFF_VERSION_KEY = "model_digest", "wff_version"  # ensemble config parameters (wff.serving.repository)
 SKIPPED_SUFFIXES = (".json", ".csv")  # annotations and labels in a dataset folder, never sent
 DEFAULT_TIMEOUT_S = 120.0  # seconds for one call, its retries included
 DEFAULT_RETRIES = 3  # further attempts after an UNAVAILABLE answer
@@ -169,6 +171,31 @@ def settings_from_config(config: dict) -> FusionSettings:
     except (KeyError, ValueError) as e:
         raise DiagnosisError(f"the {FUSION_MODEL} model config's fusion parameters are unusable ({e}); "
                              "rebuild the repository with wff repo build") from e
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What identifies the served model in results (wff.pacs.results): read from the model configs."""
+
+    name: str  # the ensemble's name
+    version: str  # spine-wff version that built the repository
+    digest: str  # "sha256:<hex>" over the served models, fusion settings, age prior and profile (wff repo build)
+    image_size: int  # side of the detector input in pixels (the letterbox size)
+
+
+def identity_from_configs(ensemble: dict, detector: dict) -> ModelIdentity:
+    """ModelIdentity from the ensemble's and the detector's model configs (JSON, as tritonclient returns them)."""
+    params = {k: v.get("string_value", "") for k, v in ensemble.get("parameters", {}).items()}
+    name = ensemble.get("name", ENSEMBLE_NAME)
+    if not params.get(MODEL_DIGEST_KEY, "").startswith("sha256:"):
+        raise DiagnosisError(f"the served {name} config has no {MODEL_DIGEST_KEY} parameter; rebuild the repository "
+                             "with wff repo build (it writes the digest of the models it copies)")
+    try:
+        size = int(detector["input"][0]["dims"][-1])
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise DiagnosisError(f"the {DETECTOR_MODEL} model config has no input dims ({e!r}); rebuild the repository "
+                             "with wff repo build") from e
+    return ModelIdentity(name, params.get(WFF_VERSION_KEY) or "unknown", params[MODEL_DIGEST_KEY], size)
 
 
 def message_limit(max_bytes: int) -> int:
@@ -341,6 +368,10 @@ class DiagnosisClient(_Client):
 
     def fusion_settings(self) -> FusionSettings:
         return settings_from_config(self.model_config(FUSION_MODEL))
+
+    def model_identity(self) -> ModelIdentity:
+        """The served model's name, version, digest and detector input size, for results."""
+        return identity_from_configs(self.model_config(self.model_name), self.model_config(DETECTOR_MODEL))
 
     def is_ready(self) -> bool:
         try:

@@ -33,6 +33,8 @@ The Python steps need ``wff`` importable by the backend's Python (installed in t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -57,6 +59,9 @@ MODEL_STEPS = ("detector", "classifier")  # the exported networks; their config 
 CONFIG_NAME = "config.pbtxt"
 FOLD_MODEL = "model.fold{}.onnx"  # fold k's model in a version dir (serving.members = "folds"), k = 1..cv_folds
 VERSION = "1"
+# Ensemble config parameters that identify the served model (DiagnosisClient.model_identity reads them).
+MODEL_DIGEST_KEY = "model_digest"  # "sha256:<hex>", model_digest()
+WFF_VERSION_KEY = "wff_version"  # the spine-wff version that built the repository
 # The adapters' sources, <step>/1/model.py: model_repository/ of the source tree, installed as the
 # package data of wff.model_repository.
 ADAPTERS_DIR = resources.files("wff.model_repository")  # a Traversable: a folder, or a folder inside a zip
@@ -209,6 +214,36 @@ def member_models(version_dir: Path, members: str) -> list[Path]:
     return paths
 
 
+def model_digest(repository: Path, profile: Profile) -> str:
+    """"sha256:<hex>" over what decides a diagnosis in a built repository: the served detector and classifier
+    models (every .onnx of their version dirs, fold models included), the fusion step's fusion.json and
+    age_prior.json, and the profile without its serving section (deployment settings, which do not
+    change a diagnosis)."""
+    digest = hashlib.sha256()
+
+    def add(label: str, data: bytes) -> None:
+        digest.update(label.encode() + b"\0" + hashlib.sha256(data).digest())
+
+    for step in MODEL_STEPS:
+        for path in sorted((repository / step / VERSION).glob("*.onnx")):
+            add(f"{step}/{path.name}", path.read_bytes())
+    for name in ("fusion.json", "age_prior.json"):
+        add(name, (repository / "fusion" / VERSION / name).read_bytes())
+    model_sections = {k: v for k, v in profile.to_dict().items() if k != "serving"}
+    add("profile", json.dumps(model_sections, sort_keys=True).encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def wff_version() -> str:
+    """The installed spine-wff version ("unknown" when running from an uninstalled tree)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("spine-wff")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _adapter(step: str) -> bytes:
     """The source of ``step``'s adapter, model.py."""
     path = ADAPTERS_DIR / step / VERSION / "model.py"
@@ -286,5 +321,10 @@ def build_repository(
         if name == "fusion":
             shutil.copy2(artifacts / "fusion.json", version / "fusion.json")
             shutil.copy2(artifacts / "age_prior.json", version / "age_prior.json")
+    if artifacts is not None:  # the served model's identity, over the files copied above
+        ensemble = configs[contracts_for(profile).ensemble.name]
+        ensemble.parameters[MODEL_DIGEST_KEY].string_value = model_digest(out, profile)
+        ensemble.parameters[WFF_VERSION_KEY].string_value = wff_version()
+        (out / ensemble.name / CONFIG_NAME).write_text(config_text(ensemble))
     log.info("wrote %s repository for profile %r to %s", target, profile.name, out)
     return out
