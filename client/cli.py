@@ -104,21 +104,33 @@ overlay_profile_option = click.option(
 @click.option("--overlay", "overlay_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write one PNG per series to this folder: the detected boxes, class and probability on the detector input (Fig. 4).")
 @overlay_profile_option
+@click.option("--sr", "sr_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the result as DICOM to this folder: SR.dcm (TID 1500 measurement report) and PR.dcm (presentation "
+                   "state with the boxes), new series of the patient's study, as wff pacs sends them (needs spine-wff[pacs]).")
+@click.option("--sr-kind", type=click.Choice(["comprehensive3d", "comprehensive"]), default="comprehensive3d", show_default=True,
+              help="SR storage class of --sr: Comprehensive 3D SR (IHE AI Results) or Comprehensive SR.")
+@click.option("--uid-root", metavar="ROOT", help="UID root of the --sr objects (default: spine-wff's, wff.pacs.uids); "
+                                                "the gateway's, to get the objects it would send.")
 def diagnose(patient_dir: Path, age: float | None, client: dict, json_out: str | None, overlay_dir: Path | None,
-             profile_json: Path | None) -> None:
+             profile_json: Path | None, sr_dir: Path | None, sr_kind: str, uid_root: str | None) -> None:
     """Send one patient's DICOM files (PATIENT_DIR, .json/.csv skipped) and print the diagnosis."""
     from wff.client.grpc_client import DiagnosisClient, DiagnosisError, read_patient_files
 
+    result_settings = _result_settings(sr_kind, uid_root) if sr_dir else None
     try:
         files = read_patient_files(patient_dir)
         with DiagnosisClient(**client) as diagnosis_client:
             dx = diagnosis_client.diagnose(files, age)
             settings = diagnosis_client.fusion_settings() if overlay_dir else None
+            identity = diagnosis_client.model_identity() if sr_dir else None
         image_cfg = _overlay_image_config(profile_json, client) if overlay_dir else None
     except (DiagnosisError, FileNotFoundError, ValueError) as e:
         raise WffError(str(e)) from e
     if json_out:
         write_json(dx.to_dict(), json_out)
+    if sr_dir:
+        written = write_results(files, dx, result_settings.with_model(identity), sr_dir)
+        click.echo(f"DICOM results written: {', '.join(str(p) for p in written)}", err=True)
     if overlay_dir:
         from wff.client.overlay import write_overlays
 
@@ -129,6 +141,44 @@ def diagnose(patient_dir: Path, age: float | None, client: dict, json_out: str |
         click.echo(f"{len(paths)} overlay PNGs written to {overlay_dir}", err=True)
     if json_out != "-":
         click.echo(format_diagnosis(dx))
+
+
+def _result_settings(sr_kind: str, uid_root: str | None):
+    """wff.pacs.results.ResultSettings of --sr-kind and --uid-root; a WffError naming the extra when its
+    libraries are not installed."""
+    try:
+        from wff.pacs.results import ResultSettings
+    except ModuleNotFoundError as e:
+        raise WffError(f"--sr needs {e.name}, which is not installed; install it with pip install 'spine-wff[pacs]'") from e
+    try:
+        return ResultSettings(sr_kind=sr_kind, **({"uid_root": uid_root} if uid_root else {}))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--uid-root") from e
+
+
+def write_results(files, dx, settings, out_dir: Path) -> list[Path]:
+    """SR.dcm and PR.dcm of ``dx`` (the diagnosis of ``files``) in ``out_dir`` (created); ``settings`` are
+    wff.pacs.results.ResultSettings with the served model's identity."""
+    import io
+
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from wff.pacs.results import make_results
+
+    try:
+        datasets = [pydicom.dcmread(io.BytesIO(data)) for _, data in files]
+        objects = make_results(datasets, dx, settings=settings)
+    except (ValueError, InvalidDicomError) as e:
+        raise WffError(f"DICOM results not written: {e}") from e
+    paths = [out_dir / "SR.dcm", out_dir / "PR.dcm"]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for ds, path in zip(objects, paths):
+            ds.save_as(path, enforce_file_format=True)
+    except OSError as e:
+        raise WffError(f"cannot write the DICOM results to {out_dir}: {e.strerror or e}; give a writable folder (--sr)") from e
+    return paths
 
 
 @click.command()
