@@ -155,11 +155,11 @@ class Spool:
         except OSError as e:
             raise OSError(f"cannot create the state folder {self.root}: {e.strerror or e}; give a writable --state folder") from e
         self._lock = threading.Lock()
-        self._bytes = _tree_bytes(self.root)
+        self._bytes = _tree_bytes(self.studies) + _tree_bytes(self.incoming)
 
     # accounting
     def size(self) -> int:
-        """Bytes of every file under the state folder."""
+        """Bytes of the spool: every study's files and the associations' not yet released (the audit log is not counted)."""
         return self._bytes
 
     def free_bytes(self) -> int:
