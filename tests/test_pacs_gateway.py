@@ -478,7 +478,7 @@ class TestRestart:
         feed(first, study)
         leftover = first.spool.new_incoming()
         first.spool.write_incoming(leftover, "000000.dcm", study[0])  # an association that was never released
-        del first
+        first.close()  # as the process ending would
         clock.advance(11)
         diagnose, sender = FakeDiagnose(), FakeSender()
         second = make_gateway(tmp_path, diagnose, sender, clock)
@@ -494,7 +494,7 @@ class TestRestart:
         feed(first, study)
         settle(first, clock)
         sr_uid = first.spool.read_results(first.studies[uid_of(study[0])])[0].SOPInstanceUID
-        del first
+        first.close()  # as the process ending would
         clock.advance(6)
         diagnose, sender = FakeDiagnose(), FakeSender()
         second = make_gateway(tmp_path, diagnose, sender, clock)
@@ -512,9 +512,18 @@ class TestRestart:
         assert not list(gateway.spool.root.rglob("*.tmp"))
         broken = gateway.spool.study_dir(uid_of(other[0])) / "state.json"
         broken.write_text("{not json")
+        gateway.close()
         again = make_gateway(tmp_path)
         assert list(again.studies) == [uid_of(study[0])]
         assert str(broken) in caplog.text
+
+    def test_one_process_per_state_folder(self, tmp_path):
+        """A second gateway on a state folder in use is refused, naming the folder; after close it may start."""
+        first = make_gateway(tmp_path)
+        with pytest.raises(OSError, match=f"the state folder {re.escape(str(tmp_path / 'state'))} is in use"):
+            make_gateway(tmp_path)
+        first.close()
+        make_gateway(tmp_path).close()
 
     def test_stored_studies_are_purged_after_keep_hours(self, tmp_path, study):
         clock = Clock()
@@ -564,10 +573,13 @@ class TestAudit:
         import hashlib
 
         uid = uid_of(study[0])
-        a = make_gateway(tmp_path / "a").audit.study_ref(uid)
-        b = make_gateway(tmp_path / "b").audit.study_ref(uid)
-        assert a != b and hashlib.sha256(uid.encode()).hexdigest()[:16] not in (a, b)
-        assert make_gateway(tmp_path / "a").audit.study_ref(uid) == a  # stable across restarts
+        refs = []
+        for folder in ("a", "b", "a"):
+            gateway = make_gateway(tmp_path / folder)
+            refs.append(gateway.audit.study_ref(uid))
+            gateway.close()
+        assert refs[0] != refs[1] and hashlib.sha256(uid.encode()).hexdigest()[:16] not in refs
+        assert refs[2] == refs[0]  # stable across restarts
 
     def test_audit_file_not_writable(self, tmp_path):
         (tmp_path / "dir").mkdir()
@@ -624,6 +636,7 @@ def scp_gateway(tmp_path):
     yield start
     for scp in gateways:
         scp.stop()
+        scp.gateway.close()
 
 
 def associate(port: int, calling: str = ALLOWED_AE, called: str = SCP_AE, sop_classes=(MRImageStorage,)):

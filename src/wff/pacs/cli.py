@@ -139,6 +139,7 @@ def _start(settings: GatewaySettings, retry_dead_letters: bool):
             metrics = MetricsServer(gateway.metrics, settings.metrics_port)
         except OSError as e:
             client.close()
+            gateway.close()
             raise WffError(e.strerror or str(e)) from e
     if counts["received"] or counts["diagnosed"]:
         click.echo(f"resuming {counts['received']} studies to diagnose and {counts['diagnosed']} to send", err=True)
@@ -154,8 +155,18 @@ def _run(gateway, tick=None) -> None:
     gateway.audit.event("started", model_version=gateway.settings.results.model_version)
     try:
         gateway.run(stop, tick)
+    except OSError as e:  # the state folder's disk failed or filled up: nothing more can be kept
+        raise WffError(f"cannot write to the state folder {gateway.settings.state_dir}: {e.strerror or e}; free disk space or "
+                       "fix its permissions, then start again (what is on disk is finished after the start)") from e
     finally:
         gateway.audit.event("stopped", studies=gateway.counts())
+
+
+def _stop(gateway, diagnosis_client, metrics) -> None:
+    if metrics is not None:
+        metrics.close()
+    diagnosis_client.close()
+    gateway.close()
 
 
 @click.group()
@@ -177,6 +188,8 @@ def listen(client: dict, uid_root: str | None, sr_kind: str | None, retry_dead_l
     """
     from wff.pacs.scp import StoreSCP
 
+    # pynetdicom's debug output lists each message's SOP Instance UID: never below INFO
+    logging.getLogger("pynetdicom").setLevel(max(logging.INFO, logging.getLogger().getEffectiveLevel()))
     values["allow"] = tuple(values["allow"])
     if not values.get("send_to") and not values.get("stow"):
         raise click.UsageError("give --send-to AET@HOST:PORT (C-STORE) or --stow URL (STOW-RS): where results go")
@@ -193,9 +206,7 @@ def listen(client: dict, uid_root: str | None, sr_kind: str | None, retry_dead_l
         _run(gateway)
     finally:
         scp.stop()
-        if metrics is not None:
-            metrics.close()
-        diagnosis_client.close()
+        _stop(gateway, diagnosis_client, metrics)
 
 
 @pacs.command()
@@ -229,6 +240,4 @@ def watch(client: dict, uid_root: str | None, sr_kind: str | None, retry_dead_le
                    f"{settings.send_to or settings.stow}; state in {settings.state_dir}", err=True)
         _run(gateway, watcher.tick)
     finally:
-        if metrics is not None:
-            metrics.close()
-        diagnosis_client.close()
+        _stop(gateway, diagnosis_client, metrics)

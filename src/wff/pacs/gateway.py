@@ -130,7 +130,11 @@ class Gateway:
         self.settings = settings
         self.sender = sender
         self.spool = Spool(settings.state_dir)
-        self.audit = audit or AuditLog(settings.audit_path, load_salt(settings.state_dir))
+        try:
+            self.audit = audit or AuditLog(settings.audit_path, load_salt(settings.state_dir))
+        except OSError:
+            self.spool.close()
+            raise
         self.metrics = metrics or Metrics()
         self.clock = clock
         self._diagnose = diagnose
@@ -221,8 +225,10 @@ class Gateway:
             kept = counts[NEW] + counts[CHANGED]
             if kept:
                 self.metrics.inc("wff_pacs_instances_received_total", kept, source=source)
+            with self._lock:
+                held = len(self.studies[uid].instances)
             self.audit.event("received", uid, source=source, calling_ae=calling_ae, new=counts[NEW], changed=counts[CHANGED],
-                             duplicates=counts[DUPLICATE], instances=len(self.studies[uid].instances))
+                             duplicates=counts[DUPLICATE], instances=held)
         for reason, n in ignored.items():
             self.metrics.inc("wff_pacs_instances_ignored_total", n, reason=reason.removeprefix("ignored: "))
         if ignored:
@@ -385,6 +391,11 @@ class Gateway:
 
     def _model_version(self) -> str | None:
         return getattr(self.settings.results, "model_version", None) or None
+
+    def close(self) -> None:
+        """Releases the state folder and closes the audit log."""
+        self.audit.close()
+        self.spool.close()
 
     def counts(self) -> dict[str, int]:
         """Studies per status."""

@@ -15,6 +15,8 @@ study moves ``received`` -> ``diagnosed`` (results made and on disk) -> ``stored
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -32,6 +34,7 @@ from pydicom.dataset import Dataset
 RECEIVED, DIAGNOSED, STORED, DEAD_LETTER = "received", "diagnosed", "stored", "dead-letter"
 STATUSES = (RECEIVED, DIAGNOSED, STORED, DEAD_LETTER)
 STATE_FILE = "state.json"
+LOCK_FILE = "lock"  # held (flock) by the one process that uses the state folder
 STATE_FORMAT = 1  # version of the state.json layout
 PART10_HEADER = 132  # preamble + "DICM"
 MIB = 1024 * 1024
@@ -142,7 +145,9 @@ def _tree_bytes(path: Path) -> int:
 class Spool:
     """The files under a state folder, with a running count of their bytes (for the disk watermark).
 
-    Every write goes through this class; it is safe to use from several threads.
+    Every write goes through this class; it is safe to use from several threads. One process at a
+    time holds a state folder (an flock on its ``lock`` file, released by ``close`` or when the
+    process ends, however it ends).
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -152,10 +157,25 @@ class Spool:
         try:
             self.studies.mkdir(parents=True, exist_ok=True)
             self.incoming.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
             raise OSError(f"cannot create the state folder {self.root}: {e.strerror or e}; give a writable --state folder") from e
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self._lock_fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise OSError(e.errno, f"the state folder {self.root} is in use by another wff pacs process; stop it, or give "
+                                       "this one its own --state folder") from e
+            raise
         self._lock = threading.Lock()
         self._bytes = _tree_bytes(self.studies) + _tree_bytes(self.incoming)
+
+    def close(self) -> None:
+        """Releases the state folder."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # accounting
     def size(self) -> int:
