@@ -212,6 +212,15 @@ class TestKeySlices:
         (key,) = keyslice.key_slices(sources, dx, 12)  # 4 x 6 frames letterboxed to 12: scale 2
         assert key.source.frame == 2
 
+    def test_datasets_without_file_meta(self, tmp_path):
+        """Datasets as decoded from the network (no file meta) map to the same slices as the files."""
+        datasets = shuffled_series(tmp_path, 96, 128, 6)
+        dx = hand_diagnosis(datasets, [0.5] * 6, [(0, 0, 1, 1)] * 6)
+        for ds in datasets:
+            del ds.file_meta
+        sources = keyslice.read_sources(datasets, dx)
+        assert [float(s.dataset.ImagePositionPatient[0]) for s in sources.slices] == [20.0, 16.0, 12.0, 8.0, 4.0, 0.0]
+
     def test_other_instances_are_refused(self, tmp_path):
         """A diagnosis of other instances (one slice more) is refused, not mapped to the wrong images."""
         datasets = shuffled_series(tmp_path, 96, 128, 6)

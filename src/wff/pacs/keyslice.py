@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from wff.config import ServingConfig
 from wff.ensemble.diagnosis import Diagnosis
@@ -78,7 +79,15 @@ def letterbox_scale(size: int, rows: int, cols: int) -> float:
 
 
 def part10(ds: Dataset) -> bytes:
-    """``ds`` as DICOM Part 10 bytes (file meta made from the dataset when it has none)."""
+    """``ds`` as DICOM Part 10 bytes. A dataset without a file meta Transfer Syntax UID (e.g. decoded from
+    the network) is written as explicit VR little endian when its pixel data is native."""
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        if "PixelData" in ds and ds["PixelData"].is_undefined_length:
+            raise ValueError(f"instance {ds.get('SOPInstanceUID', '?')}: compressed pixel data without a file meta Transfer "
+                             "Syntax UID; pass the instances as read from their Part 10 files")
+        ds = ds.copy()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()
