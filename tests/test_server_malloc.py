@@ -60,8 +60,9 @@ class TestResolve:
         serving = load_profile(tiny_artifacts / "profile.json").serving
         repo = build_repository(tmp_path / "repo", "embedded", tiny_artifacts,
                                 serving=dataclasses.replace(serving, server_malloc="glibc", server_malloc_conf="narenas:1"))
-        assert server_malloc_for(repo) == ("glibc", "narenas:1")
-        assert server_malloc_for(tmp_path) == ("auto", ServingConfig().server_malloc_conf)  # no profile: the defaults
+        assert server_malloc_for(repo) == ("glibc", "narenas:1", ServingConfig().stub_malloc_tunables)
+        defaults = ServingConfig()
+        assert server_malloc_for(tmp_path) == ("auto", defaults.server_malloc_conf, defaults.stub_malloc_tunables)  # no profile
 
     def test_default_conf_is_valid_for_jemalloc(self):
         """jemalloc prints "<jemalloc>: Invalid conf ..." for an option it does not know, and carries on with its defaults."""
@@ -85,6 +86,12 @@ class TestResolve:
         plain = prepare_backends(tmp_path / "plain") / "python" / "triton_python_backend_stub"
         assert plain.is_symlink()
 
+
+    def test_stub_wrapper_exports_tunables_without_preload(self, tmp_path):
+        """On glibc (nothing preloaded) the stubs still get their tunables, through a wrapper."""
+        python = prepare_backends(tmp_path, (), {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) / "python"
+        wrapper = (python / "triton_python_backend_stub").read_text()
+        assert wrapper.startswith("#!/bin/sh\nexport GLIBC_TUNABLES=glibc.malloc.arena_max=2\nexec ") and "unset" not in wrapper
 
     def test_wrapped_backend_directory(self, tmp_path):
         """Another installation's backend directory is mirrored by links, with a stub wrapper that clears LD_PRELOAD."""
@@ -130,6 +137,11 @@ def test_preload_reaches_tritonserver_only(tiny_artifacts, dicom_patient, tmp_pa
         for pid, model in stubs.items():
             assert "LD_PRELOAD" not in environ(pid), f"stub of {model} inherited LD_PRELOAD"
             assert "MALLOC_CONF" not in environ(pid), f"stub of {model} inherited MALLOC_CONF"
+            # glibc parses GLIBC_TUNABLES in place at start-up (it cuts the string after the first tunable),
+            # so /proc shows the first one: enough to see that the variable reached the stub
+            tunables = environ(pid).get("GLIBC_TUNABLES")
+            assert tunables and ServingConfig().stub_malloc_tunables.startswith(tunables), (model, tunables)
+        assert "GLIBC_TUNABLES" not in environ(server.process.pid)
         with DiagnosisClient(server.grpc_url, timeout_s=60) as client:
             result = client.diagnose(read_patient_files(dicom_patient))
         assert result.label in ("benign", "malignant") and result.series_votes.size == 3

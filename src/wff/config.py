@@ -146,6 +146,11 @@ class ServingConfig:
     # background thread, over two arenas; with jemalloc's defaults the process swung and drifted upwards under load
     # (BENCHMARKS.md, soak). Empty: jemalloc's defaults.
     server_malloc_conf: str = "background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0,narenas:2"
+    # glibc's tunables for the Python-backend stubs (GLIBC_TUNABLES): a fixed mmap threshold, so arrays of 1 MiB and
+    # more go back to the system when freed instead of raising a heap that glibc cannot trim (with the dynamic
+    # threshold the detector stubs grew in steps at each new peak), over two arenas (BENCHMARKS.md, soak). Empty:
+    # glibc's defaults.
+    stub_malloc_tunables: str = "glibc.malloc.mmap_threshold=1048576:glibc.malloc.arena_max=2"
     # Python-backend shared-memory region of each instance, in largest patients (max_slices slices) it holds before
     # growing: regions never shrink, and under load grew from one patient's size to 2-3 (BENCHMARKS.md, soak)
     shm_patients: int = 4

@@ -16,7 +16,8 @@ The wheel's server needs three things set up around it, done here:
 * ``serving.server_malloc``: tritonserver itself on jemalloc where it is installed (glibc's malloc
   kept the server process growing under load), with ``serving.server_malloc_conf`` as its
   ``MALLOC_CONF``; its backend stubs on glibc (a stub wrapper clears ``LD_PRELOAD`` and
-  ``MALLOC_CONF``; the OpenVINO stub does not start with jemalloc preloaded).
+  ``MALLOC_CONF``; the OpenVINO stub does not start with jemalloc preloaded) with
+  ``serving.stub_malloc_tunables`` as their ``GLIBC_TUNABLES``.
 
 Port 0 picks a free port. The server's output goes to a log file; on a failed start the
 exception carries its last lines.
@@ -78,7 +79,8 @@ import urllib.request
 import uuid
 from collections import Counter, deque
 from pathlib import Path
-from typing import Sequence
+from types import MappingProxyType
+from typing import Mapping, Sequence
 
 from wff.processes import child_pids, free_port, process_name, process_tree_rss
 
@@ -134,7 +136,8 @@ def _pytriton_dirs() -> tuple[Path, Path]:
     try:
         import pytriton
     except ImportError as e:
-        raise ServerError("nvidia-pytriton is not installed; it ships the tritonserver binary (pip install nvidia-pytriton)") from e
+        raise ServerError("nvidia-pytriton is not installed; it ships the tritonserver binary: install the serving extra "
+                          "with pip install 'spine-wff[serve]'") from e
     root = Path(pytriton.__file__).resolve().parent / "tritonserver"
     libs = root.parent.parent / "nvidia_pytriton.libs"
     if not (root / "bin" / "tritonserver").is_file():
@@ -142,23 +145,30 @@ def _pytriton_dirs() -> tuple[Path, Path]:
     return root, libs
 
 
-def _write_stub(target: Path, stub: Path, stub_env_unset: tuple[str, ...]) -> None:
-    """``target``: a symlink to ``stub``, or a two-line shell script that unsets ``stub_env_unset`` and execs it."""
+def _write_stub(target: Path, stub: Path, stub_env_unset: tuple[str, ...], stub_env_set: Mapping[str, str] = MappingProxyType({})) -> None:
+    """``target``: a symlink to ``stub``, or a shell script that unsets ``stub_env_unset``, exports ``stub_env_set``
+    and execs it."""
     if target.exists() or target.is_symlink():
         target.unlink()
-    if stub_env_unset:
-        target.write_text(f"#!/bin/sh\nunset {' '.join(stub_env_unset)}\nexec {shlex.quote(str(stub))} \"$@\"\n")
+    if stub_env_unset or stub_env_set:
+        lines = ["#!/bin/sh"]
+        if stub_env_unset:
+            lines.append(f"unset {' '.join(stub_env_unset)}")
+        lines += [f"export {name}={shlex.quote(value)}" for name, value in stub_env_set.items()]
+        lines.append(f"exec {shlex.quote(str(stub))} \"$@\"")
+        target.write_text("\n".join(lines) + "\n")
         target.chmod(0o755)
     else:
         target.symlink_to(stub)
 
 
-def prepare_backends(dest: Path, stub_env_unset: tuple[str, ...] = ()) -> Path:
+def prepare_backends(dest: Path, stub_env_unset: tuple[str, ...] = (), stub_env_set: Mapping[str, str] = MappingProxyType({})) -> Path:
     """A backend directory with ``python/`` for the running interpreter, from the wheel; returns ``dest``.
 
     ``stub_env_unset`` names environment variables the backend stubs must not inherit from
-    tritonserver (``LD_PRELOAD`` when the server alone runs on another allocator): the stub is
-    then a two-line shell script that unsets them and execs the wheel's stub.
+    tritonserver (``LD_PRELOAD`` when the server alone runs on another allocator), ``stub_env_set``
+    the ones they get (``GLIBC_TUNABLES``): the stub is then a shell script that does so and execs
+    the wheel's stub.
     """
     root, _ = _pytriton_dirs()
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -172,7 +182,7 @@ def prepare_backends(dest: Path, stub_env_unset: tuple[str, ...] = ()) -> Path:
         link = python / src.name
         if not link.exists():
             link.symlink_to(src)
-    _write_stub(python / STUB_NAME, stub, stub_env_unset)
+    _write_stub(python / STUB_NAME, stub, stub_env_unset, stub_env_set)
     return dest
 
 
@@ -185,8 +195,9 @@ def check_backends(backends: Path) -> Path:
     return backends
 
 
-def wrap_backends(source: Path, dest: Path, stub_env_unset: tuple[str, ...]) -> Path:
-    """``dest`` mirrors the backend directory ``source`` (symlinks), with a Python stub that unsets ``stub_env_unset``."""
+def wrap_backends(source: Path, dest: Path, stub_env_unset: tuple[str, ...], stub_env_set: Mapping[str, str] = MappingProxyType({})) -> Path:
+    """``dest`` mirrors the backend directory ``source`` (symlinks), with a Python stub that unsets ``stub_env_unset``
+    and exports ``stub_env_set``."""
     python = dest / "python"
     python.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():
@@ -195,7 +206,7 @@ def wrap_backends(source: Path, dest: Path, stub_env_unset: tuple[str, ...]) -> 
     for item in (source / "python").iterdir():
         if item.name != STUB_NAME and not (python / item.name).exists():
             (python / item.name).symlink_to(item)
-    _write_stub(python / STUB_NAME, source / "python" / STUB_NAME, stub_env_unset)
+    _write_stub(python / STUB_NAME, source / "python" / STUB_NAME, stub_env_unset, stub_env_set)
     return dest
 
 
@@ -216,13 +227,14 @@ def shm_bytes_for(repository: Path) -> int:
     return int(-(-need // (8 * MIB)) * 8 * MIB)
 
 
-def server_malloc_for(repository: Path) -> tuple[str, str]:
-    """``serving.server_malloc`` and ``serving.server_malloc_conf`` of the repository's profile (the defaults without one)."""
+def server_malloc_for(repository: Path) -> tuple[str, str, str]:
+    """``serving.server_malloc``, ``serving.server_malloc_conf`` and ``serving.stub_malloc_tunables`` of the
+    repository's profile (the defaults without one)."""
     profile = _repository_profile(repository)
     from wff.config import ServingConfig
 
     serving = profile.serving if profile is not None else ServingConfig()
-    return serving.server_malloc, serving.server_malloc_conf
+    return serving.server_malloc, serving.server_malloc_conf, serving.stub_malloc_tunables
 
 
 def find_jemalloc() -> Path | None:
@@ -302,7 +314,7 @@ class TritonServer:
         self.shm_default_bytes = shm_default_bytes or shm_bytes_for(self.repository)
         self.shm_growth_bytes = shm_growth_bytes
         self.exit_timeout_s = exit_timeout_s
-        profile_malloc, self.server_malloc_conf = server_malloc_for(self.repository)
+        profile_malloc, self.server_malloc_conf, self.stub_malloc_tunables = server_malloc_for(self.repository)
         self.server_malloc = server_malloc if server_malloc is not None else profile_malloc
         self.server_preload = resolve_malloc(self.server_malloc)
         if self.server_preload is None:
@@ -414,10 +426,13 @@ class TritonServer:
     def _backend_dir(self) -> Path:
         """The backend directory tritonserver gets: the wheel's or ``backends``, with a stub that clears LD_PRELOAD when preloading."""
         stub_env_unset = ("LD_PRELOAD", "MALLOC_CONF") if self.server_preload is not None else ()
+        stub_env_set = {"GLIBC_TUNABLES": self.stub_malloc_tunables} if self.stub_malloc_tunables else {}
         dest = Path(self._tmp.name) / "backends"
         if self.backends is None:
-            return prepare_backends(dest, stub_env_unset)
-        return wrap_backends(self.backends, dest, stub_env_unset) if stub_env_unset else self.backends
+            return prepare_backends(dest, stub_env_unset, stub_env_set)
+        if stub_env_unset or stub_env_set:
+            return wrap_backends(self.backends, dest, stub_env_unset, stub_env_set)
+        return self.backends
 
     def start(self) -> "TritonServer":
         if self.process is not None:
