@@ -2,8 +2,9 @@
 
 ``Orthanc(folder)`` writes a JSON configuration into ``folder`` (free loopback ports for DICOM
 and HTTP, storage and index in ``folder``, the DICOMweb plugin at ``/dicom-web``, no remote
-access and no authentication on loopback, called-AE check on), starts the server, waits until
-``GET /system`` answers and stops it on exit (SIGTERM, then SIGKILL). Its log is
+access and no authentication on loopback, called-AE check on, an optional Lua script), starts
+the server, waits until ``GET /system`` answers and stops it on exit (SIGTERM, then SIGKILL,
+the first taking Orthanc about 3.5 s). Its log is
 ``folder/orthanc.log``; a failed start raises with the log's tail.
 
 The ``orthanc`` fixture is one server per test module: import it into a test module
@@ -37,7 +38,7 @@ class Orthanc:
     """One Orthanc process on 127.0.0.1. ``modalities`` maps a name to (AE title, port) of peers on loopback."""
 
     def __init__(self, folder: Path, *, ae_title: str = AE_TITLE, modalities: dict[str, tuple[str, int]] | None = None,
-                 stable_age_s: int = 2) -> None:
+                 stable_age_s: int = 2, lua: str | None = None) -> None:
         self.folder = Path(folder)
         self.ae_title = ae_title
         self.dicom_port = free_port()
@@ -63,6 +64,7 @@ class Orthanc:
             "Plugins": [DICOMWEB_PLUGIN],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False, "Host": "127.0.0.1", "Ssl": False},
         }
+        self.lua = lua  # a Lua script Orthanc runs (e.g. an auto-routing rule), written to folder/rules.lua
         self.process: subprocess.Popen | None = None
         self.start_seconds: float | None = None
 
@@ -82,6 +84,9 @@ class Orthanc:
     def start(self) -> "Orthanc":
         self.folder.mkdir(parents=True, exist_ok=True)
         config_path = self.folder / "orthanc.json"
+        if self.lua is not None:
+            (self.folder / "rules.lua").write_text(self.lua)
+            self.config["LuaScripts"] = [str(self.folder / "rules.lua")]
         config_path.write_text(json.dumps(self.config, indent=2))
         started = time.monotonic()
         with open(self.log_path, "ab") as log:
