@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
 import signal
@@ -26,13 +25,12 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ComprehensiveSRStorage, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from conftest import dicom_slice, write_dicom_patient
+from conftest import write_dicom_patient
 from wff.client.grpc_client import RejectedInput, ServerUnavailable
 from wff.pacs.age import dataset_age, files_age, parse_da
 from wff.pacs.audit import AuditLog
@@ -860,6 +858,14 @@ class TestListenCommand:
             done = subprocess.run([sys.executable, "-m", "wff", "pacs", "listen",
                                    *self._args(tmp_path, limited_server.grpc_url, port, 104)], capture_output=True, text=True, timeout=120)
         assert done.returncode == 1 and f"wff: error: port {port} on 127.0.0.1 is in use" in done.stderr
+
+    def test_watch_with_unreachable_dicomweb(self, tmp_path, limited_server):
+        """wff pacs watch: a DICOMweb server that does not answer at start-up is an error naming --dicomweb."""
+        url = f"http://127.0.0.1:{free_port()}/dicom-web"
+        done = subprocess.run([sys.executable, "-m", "wff", "pacs", "watch", "--dicomweb", url, "--url", limited_server.grpc_url,
+                               "--state", str(tmp_path), "--min-free-mb", "0"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1
+        assert "wff: error: DICOMweb request to " + url in done.stderr and "check --dicomweb" in done.stderr
 
     def test_study_received_before_a_kill_is_stored_after_restart(self, tmp_path, limited_server, dicom_patient):
         """storescu a study, kill -9 the gateway before it is complete, start it again: the SR reaches the PACS;

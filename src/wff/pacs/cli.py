@@ -1,10 +1,11 @@
 """``wff pacs listen`` and ``wff pacs watch``: thin click commands over wff.pacs.gateway, scp and dicomweb.
 
-Both check at start-up, in this order, and stop with ``wff: error: ...`` (exit 1) naming what to
-fix: the settings (AE titles, --send-to; exit 2), the state folder, the diagnosis server (ready
-within --startup-timeout at --url), the metrics port and the DICOM port (listen) or the DICOMweb
-server (watch). Then they run until SIGTERM or Ctrl-C, which lets the study in hand finish its
-step and exits 0; whatever is left is finished after the next start (the state is on disk).
+Both check at start-up, in this order: the settings (AE titles, --send-to, UID root: a usage
+error, exit 2), then the diagnosis server (ready within --startup-timeout at --url), the state
+folder (writable, not used by another gateway), the metrics port and the DICOM port (listen) or
+the DICOMweb server (watch); a failure stops them with ``wff: error: ...`` (exit 1) naming what to
+fix. Then they run until SIGTERM or Ctrl-C, which lets the study in hand finish its step and
+exits 0; whatever is left is finished after the next start (the state is on disk).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from wff.cli import WffError
 from wff.client.cli import client_options
 from wff.pacs.settings import GatewaySettings
 
-log = logging.getLogger(__name__)
 _FIELDS = {f.name: f for f in dataclasses.fields(GatewaySettings)}
 
 
@@ -147,11 +147,17 @@ def _start(settings: GatewaySettings, retry_dead_letters: bool):
 
 
 def _run(gateway, tick=None) -> None:
-    """The worker loop until SIGTERM or Ctrl-C (the study in hand finishes its step first)."""
+    """The worker loop until SIGTERM or Ctrl-C: the study in hand finishes its step first; a second signal stops at once."""
     stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        if stop.is_set():  # a second signal: stop now, the state on disk is finished after the next start
+            raise KeyboardInterrupt
+        stop.set()
+
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
     gateway.audit.event("started", model_version=gateway.settings.results.model_version)
     try:
         gateway.run(stop, tick)

@@ -295,9 +295,8 @@ class Gateway:
     def _diagnose_study(self, uid: str) -> None:
         with self._lock:
             state = self.studies[uid]
-            revision, folder = state.revision, self.spool.study_dir(uid) / "instances"
-            names = sorted(item.file for item in state.instances.values())
-        files = [(name, (folder / name).read_bytes()) for name in names]
+            revision, names = state.revision, sorted(item.file for item in state.instances.values())
+        files = self.spool.read_instances(uid, names)
         age, age_source = files_age(files)
         started = time.monotonic()
         stage = "diagnose"
@@ -323,7 +322,7 @@ class Gateway:
             self.spool.save(state)
         self.metrics.inc("wff_pacs_studies_diagnosed_total")
         self.audit.event("diagnosed", uid, version=version, instances=len(names), objects=len(results), duration_s=round(took, 3),
-                         **summary)
+                         age_source=age_source, model_version=summary["model_version"])
 
     def _send_study(self, uid: str) -> None:
         with self._lock:

@@ -235,10 +235,9 @@ class Spool:
         self._write(self.study_dir(state.study_uid) / "instances" / name, data)
         return Instance(name, content_hash(data), len(data))
 
-    def instance_files(self, state: StudyState) -> list[tuple[str, bytes]]:
-        """The study's instances as (file name, bytes), sorted by name."""
-        folder = self.study_dir(state.study_uid) / "instances"
-        names = sorted(item.file for item in state.instances.values())
+    def read_instances(self, study_uid: str, names: list[str]) -> list[tuple[str, bytes]]:
+        """(file name, bytes) of the study's instance files ``names``."""
+        folder = self.study_dir(study_uid) / "instances"
         return [(name, (folder / name).read_bytes()) for name in names]
 
     # results
