@@ -133,7 +133,7 @@ class Evaluation:
             "errors": self.errors,
             "failures": self.failures(),
             "served_strategy": self.settings.served_strategy,
-            # what made the decisions: weights, vote and voting thresholds, calibration (not the CV report)
+            # what made the decisions: weights, vote and voting thresholds (not the CV report)
             "fusion": self.settings.to_dict(cv=False),
             "per_location": {
                 name: {loc: {**row, "error_rate": json_number(row["error_rate"])} for loc, row in rows.items()}

@@ -16,11 +16,6 @@ cross-validation chooses it with the weights, for an operating point other than 
 one (``fusion.cv_metric = "expected_acc"`` at ``fusion.prevalence``). The default grid holds 0.5
 only, the paper's rule.
 
-With ``fusion.calibrate`` the cross-validation also fits a calibration of D and M
-(ensemble.calibration, Platt scaling on the out-of-fold components) and
-:meth:`FusionSettings.decide` applies it before Eq. 1; the components themselves (what the
-server returns) stay the networks' outputs.
-
 Rules for the cases the paper leaves open (each has a unit test):
 
 * Images that vote: slices whose best box scores >= ``det_threshold``. A series with no such
@@ -45,8 +40,6 @@ from pathlib import Path
 
 import numpy as np
 
-from wff.ensemble.calibration import Calibration, apply_calibration
-
 # Table 3 of the paper: which of (Det, Seq, Age) each strategy uses.
 STRATEGIES: dict[str, tuple[bool, bool, bool]] = {
     "Det": (True, False, False),
@@ -65,6 +58,10 @@ PAPER_WEIGHTS: dict[str, tuple[float, float, float]] = {  # the paper's lambdas 
     "Det-Seq-Age": (0.45, 0.45, 0.1),
 }
 VOTE_THRESHOLD = 0.5
+# fusion.json key of a removed option: Platt calibration of D and M before Eq. 1 (no gain measured,
+# docs/results.md). Absent, null or the identity {"d": [1, 0], "m": [1, 0]} load; anything else is refused.
+REMOVED_CALIBRATION = "calibration"
+IDENTITY_CALIBRATION = {"d": [1.0, 0.0], "m": [1.0, 0.0]}
 
 
 def best_boxes(
@@ -157,6 +154,17 @@ def _majority(malignant: np.ndarray, benign: np.ndarray, tie: np.ndarray) -> np.
     return np.where(malignant != benign, malignant > benign, tie).astype(np.int64)
 
 
+def _check_uncalibrated(calibration, where: str) -> None:
+    """ValueError unless ``calibration`` (fusion.json's removed key) leaves D and M as they are."""
+    if calibration in (None, {}, IDENTITY_CALIBRATION):
+        return
+    raise ValueError(
+        f"{where}: \"{REMOVED_CALIBRATION}\": {json.dumps(calibration)} calibrates D and M before Eq. 1, which wff no "
+        f"longer does (removed: no gain measured, docs/results.md); choose the fusion again without it with "
+        f"wff dev refit-fusion ARTIFACTS (then wff repo build again for a built repository)"
+    )
+
+
 def _check_vote_threshold(t: float) -> None:
     if not 0.0 < t < 1.0:
         raise ValueError(f"a vote threshold must lie strictly between 0 and 1, got {t}")
@@ -236,7 +244,6 @@ class FusionSettings:
     det_threshold: float = 0.5
     strategies: dict[str, tuple[float, float, float]] = field(default_factory=lambda: dict(PAPER_WEIGHTS))
     cv: dict = field(default_factory=dict)  # per strategy: chosen weights and fold metrics
-    calibration: Calibration = Calibration()  # of D and M before Eq. 1 (identity: none)
     vote_thresholds: dict[str, float] = field(default_factory=dict)  # per strategy; absent: 0.5
 
     def __post_init__(self) -> None:  # every strategy gets its vote threshold, 0.5 unless given
@@ -256,11 +263,10 @@ class FusionSettings:
         return self.vote_thresholds.get(strategy or self.served_strategy, VOTE_THRESHOLD)
 
     def decide(self, components: Components, strategy: str | None = None) -> Decision:
-        """The diagnosis of one patient by ``strategy`` (default: the served one): D and M
-        calibrated, then :func:`fuse` with the strategy's weights and vote threshold."""
+        """The diagnosis of one patient by ``strategy`` (default: the served one): :func:`fuse`
+        with the strategy's weights and vote threshold."""
         weights = self.strategies[strategy or self.served_strategy]
-        return fuse(apply_calibration(components, self.calibration), weights, self.det_threshold,
-                    self.vote_threshold(strategy))
+        return fuse(components, weights, self.det_threshold, self.vote_threshold(strategy))
 
     def to_dict(self, cv: bool = True) -> dict:
         """fusion.json's content; ``cv=False`` leaves out the cross-validation record (per-fold
@@ -270,7 +276,6 @@ class FusionSettings:
             "det_threshold": self.det_threshold,
             "strategies": {k: list(v) for k, v in self.strategies.items()},
             "vote_thresholds": dict(self.vote_thresholds),
-            "calibration": self.calibration.to_dict(),
         }
         if cv:
             data["cv"] = self.cv
@@ -278,12 +283,11 @@ class FusionSettings:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "fusion settings") -> "FusionSettings":
+        _check_uncalibrated(data.get(REMOVED_CALIBRATION), where)
         try:
             strategies = {k: tuple(float(x) for x in v) for k, v in data["strategies"].items()}
-            calibration = Calibration.from_dict(data.get("calibration"))  # absent in runs before 2026-12-06: none
-            votes = {k: float(v) for k, v in data.get("vote_thresholds", {}).items()}  # absent before 2026-12-06: 0.5
-            settings = cls(data["served_strategy"], float(data["det_threshold"]), strategies, data.get("cv", {}),
-                           calibration, votes)
+            votes = {k: float(v) for k, v in data.get("vote_thresholds", {}).items()}  # absent: 0.5 for every strategy
+            settings = cls(data["served_strategy"], float(data["det_threshold"]), strategies, data.get("cv", {}), votes)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{where}: malformed fusion settings ({e}); rebuild them with wff train") from e
         unknown = sorted(set(strategies) - set(STRATEGIES))
@@ -311,10 +315,10 @@ def fusion_parameters(settings: FusionSettings) -> dict[str, str]:
 
 
 def settings_from_parameters(parameters: dict[str, str]) -> FusionSettings:
-    """Inverse of :func:`fusion_parameters` (values as plain strings). Keys a config lacks (vote
-    thresholds, calibration) take :meth:`FusionSettings.from_dict`'s defaults: 0.5 and none."""
+    """Inverse of :func:`fusion_parameters` (values as plain strings). Vote thresholds a config
+    lacks take :meth:`FusionSettings.from_dict`'s default, 0.5."""
     where = "fusion model config parameters"
-    keys = {f.name for f in fields(FusionSettings)}
+    keys = {f.name for f in fields(FusionSettings)} | {REMOVED_CALIBRATION}
     try:
         data = {k: v if k == "served_strategy" else json.loads(v) for k, v in parameters.items() if k in keys}
     except json.JSONDecodeError as e:

@@ -20,34 +20,18 @@ from wff.ensemble import steps
 from wff.ensemble.age_prior import AgePrior
 from wff.ensemble.diagnosis import Diagnosis
 from wff.ensemble.fusion import FusionSettings, load_fusion_settings
-from wff.ensemble.members import check_members
 
 Runner = Callable[[np.ndarray], Mapping[str, np.ndarray]]
 
 ARTIFACT_MODELS = {"detector": "detector.onnx", "classifier": "classifier.onnx"}  # the final models, exported
 ARTIFACT_FILES = ("profile.json", *ARTIFACT_MODELS.values(), "age_prior.json", "fusion.json")
-# folds/fold<k>/{detector,classifier}.pt (+ .onnx): the cross-validation fold models, with train.save_fold_models
+# folds/fold<k>/{detector,classifier}.pt: the cross-validation fold models, with train.save_fold_models
 FOLDS_DIR = "folds"
 
 
 def fold_models_dir(artifacts: str | Path, fold: int) -> Path:
     """Where ``wff train`` saves the models of ``fold`` (0-based, as in cv_components.json's folds)."""
     return Path(artifacts) / FOLDS_DIR / f"fold{fold + 1}"
-
-
-def fold_models(artifacts: Path, profile: Profile, step: str) -> list[Path]:
-    """The exported fold models of ``step`` ("detector" or "classifier") in a ``wff train`` output, fold 1
-    first; ValueError naming what is missing (runs trained before fold models were exported need
-    ``wff dev export-folds``)."""
-    paths = [fold_models_dir(artifacts, k) / ARTIFACT_MODELS[step] for k in range(profile.train.cv_folds)]
-    missing = [str(p.relative_to(artifacts)) for p in paths if not p.is_file()]
-    if missing:
-        raise ValueError(
-            f"{artifacts}: serving.members is 'folds' but {missing} are missing; export the fold models with "
-            f"wff dev export-folds DATASET {artifacts} (from the .pt files that train.save_fold_models keeps), or serve "
-            f"serving.members=final"
-        )
-    return paths
 
 
 def check_artifacts(artifacts: Path) -> None:
@@ -79,25 +63,18 @@ class Pipeline:
         self._models = {"detector": detector, "classifier": classifier}
 
     @classmethod
-    def from_artifacts(cls, artifacts: str | Path, threads: int | None = None, members: str | None = None) -> "Pipeline":
-        """ONNX Runtime over the exported models of a training run (``wff train`` output): the final
-        models, or with ``members="folds"`` (default: the run's serving.members) the fold models merged
-        as the served steps merge them."""
-        from wff.ensemble.runtime import member_runner
+    def from_artifacts(cls, artifacts: str | Path, threads: int | None = None) -> "Pipeline":
+        """ONNX Runtime over the exported models of a training run (``wff train`` output)."""
+        from wff.ensemble.runtime import make_runner
 
         artifacts = Path(artifacts)
         check_artifacts(artifacts)
         profile = load_profile(artifacts / "profile.json")
-        if members is not None:
-            profile = profile.replace(serving={"members": members})
-        check_members(profile.serving.members)
         c = contracts_for(profile)
         threads = threads or profile.serving.runtime_threads
 
         def runner(step: str):
-            final = profile.serving.members == "final"
-            paths = [artifacts / ARTIFACT_MODELS[step]] if final else fold_models(artifacts, profile, step)
-            return member_runner("onnxruntime", paths, c.step(step), threads, None, "f32", profile.serving.members_box_iou)
+            return make_runner("onnxruntime", artifacts / ARTIFACT_MODELS[step], c.step(step), threads)
 
         return cls(
             profile,

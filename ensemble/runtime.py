@@ -10,8 +10,6 @@
   choice to measure on the test set (``scripts/precision_check.sh``), not a free speed-up.
 
 ``serving.runtime`` and ``serving.runtime_precision`` choose for the embedded target (:func:`make_runner`).
-:class:`MemberRunner` runs several such models of one step (``serving.members = "folds"``) and
-merges their outputs into the step's contract (wff.ensemble.members).
 
 ``chunk`` bounds the items per session run. The dynamic batcher hands the detector whole
 patients (up to serving.max_batch_detector slices, more when it merges requests), and ONNX
@@ -23,13 +21,11 @@ speed per slice (measured on the small profile, 2 threads).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from wff.contracts import StepContract
-from wff.ensemble.members import merger
 
 log = logging.getLogger(__name__)
 
@@ -178,33 +174,6 @@ def make_runner(
     check_runtime(runtime, precision)
     runners = {r.runtime: r for r in (OnnxRunner, OpenVinoRunner)}
     return runners[runtime](path, contract, threads, chunk, precision)
-
-
-class MemberRunner:
-    """Several runners of one step on the same batch, their outputs merged into the step's contract."""
-
-    def __init__(self, runners: Sequence[OnnxRunner], iou_threshold: float) -> None:
-        if not runners:
-            raise ValueError("MemberRunner needs at least one runner")
-        names = {r.contract.name for r in runners}
-        if len(names) != 1:
-            raise ValueError(f"members must serve one step, got {sorted(names)}")
-        self.runners = list(runners)
-        self.contract = runners[0].contract
-        self.input_spec = runners[0].input_spec
-        self.merge = merger(self.contract.name, iou_threshold)
-
-    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        return self.merge([runner(batch) for runner in self.runners])
-
-
-def member_runner(
-    runtime: str, paths: Sequence[str | Path], contract: StepContract, threads: int, chunk: int | None,
-    precision: str, iou_threshold: float,
-) -> OnnxRunner | MemberRunner:
-    """One runner over ``paths[0]``, or a :class:`MemberRunner` over all of them."""
-    runners = [make_runner(runtime, p, contract, threads, chunk, precision) for p in paths]
-    return runners[0] if len(runners) == 1 else MemberRunner(runners, iou_threshold)
 
 
 def check_runtime(runtime: str, precision: str) -> None:

@@ -2,9 +2,9 @@
 
 `wff train` keeps every training patient's out-of-fold components in cv_components.json. This
 study asks whether a fusion option (here: choosing the voting threshold from
-fusion.det_threshold_grid, or calibrating D and M with fusion.calibrate) generalises: for each
-fold k, the weights (and threshold, and calibration) are chosen on the other folds' components,
-exactly as `wff train` chooses them, and scored on fold k, which took no part in the choice. The pooled held-out decisions give ACC, AUC, SE, SP per option.
+fusion.det_threshold_grid) generalises: for each fold k, the weights (and threshold) are chosen on
+the other folds' components, exactly as `wff train` chooses them, and scored on fold k, which took
+no part in the choice. The pooled held-out decisions give ACC, AUC, SE, SP per option.
 
     .venv/bin/python scripts/nested_cv.py runs/demo/artifacts [--json FILE]
     .venv/bin/python scripts/nested_cv.py runs/demo/artifacts --prevalence 0.357 [--vote-grid 0.4,0.5,0.6]
@@ -37,11 +37,10 @@ def study_options(fusion: FusionConfig, prevalence: float | None, vote_grid: tup
     grid = fusion.det_threshold_grid or FusionConfig().det_threshold_grid  # runs trained with the grid off
     if prevalence is None:
         return {
-            f"fixed det_threshold {fusion.det_threshold:g}": dataclasses.replace(fusion, det_threshold_grid=(), calibrate=False),
-            f"threshold chosen from {list(grid)}": dataclasses.replace(fusion, det_threshold_grid=grid, calibrate=False),
-            f"threshold chosen from {list(grid)}, D and M calibrated": dataclasses.replace(fusion, det_threshold_grid=grid, calibrate=True),
+            f"fixed det_threshold {fusion.det_threshold:g}": dataclasses.replace(fusion, det_threshold_grid=()),
+            f"threshold chosen from {list(grid)}": dataclasses.replace(fusion, det_threshold_grid=grid),
         }
-    base = dataclasses.replace(fusion, det_threshold_grid=grid, calibrate=False)
+    base = dataclasses.replace(fusion, det_threshold_grid=grid)
     return {
         "balanced_acc, vote threshold 0.5": dataclasses.replace(base, cv_metric="balanced_acc", vote_threshold_grid=(0.5,)),
         f"expected_acc at {prevalence:g}, vote threshold 0.5": dataclasses.replace(
@@ -71,10 +70,8 @@ def nested(artifacts: Path, profile_name: str, prevalence: float | None = None, 
         result["options"][name] = {"held_out": held, "per_fold": chosen}
         print(line, file=sys.stderr)
         for c in chosen:
-            cal = c["calibration"]
             print(f"    fold {c['fold']}: weights {c['weights']}, threshold {c['det_threshold']:g}, "
-                  f"vote threshold {c['vote_threshold']:g}, "
-                  f"calibration D a={cal['d'][0]:.2f} b={cal['d'][1]:.2f}, M a={cal['m'][0]:.2f} b={cal['m'][1]:.2f}", file=sys.stderr)
+                  f"vote threshold {c['vote_threshold']:g}", file=sys.stderr)
     return result
 
 

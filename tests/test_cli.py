@@ -117,10 +117,12 @@ class TestHelp:
     def test_top_level_and_dev(self):
         """The user's commands at the top level; the model-development tools only under wff dev."""
         assert set(COMMANDS) == {"data", "train", "repo", "serve", "diagnose", "evaluate", "metrics", "bench", "soak", "trt", "demo", "dev"}
-        assert set(DEV_COMMANDS) == {"parity", "refit-fusion", "export-folds"}
-        for old in DEV_COMMANDS:
+        assert set(DEV_COMMANDS) == {"parity", "refit-fusion"}
+        for old in [*DEV_COMMANDS, "export-folds"]:
             result = CliRunner().invoke(main, [old, "--help"])
             assert result.exit_code == 2 and "No such command" in result.output
+        removed = CliRunner().invoke(main, ["dev", "export-folds", "--help"])  # fold models are no longer served
+        assert removed.exit_code == 2 and "No such command" in removed.output
 
     @pytest.mark.parametrize("args, banned", [
         ("diagnose evaluate metrics", ("torch", "torchvision", "openvino", "onnxruntime", "onnx", "pytriton", "wff.training", "wff.serving.server")),
@@ -153,7 +155,7 @@ class TestOptions:
             opt = options(COMMAND_PATHS[path])["--json"]
             assert not opt.is_flag and opt.metavar == "FILE|-" and opt.name == "json_out", path
         assert {("metrics",), ("diagnose",), ("evaluate",), ("bench",), ("soak",), ("train",), ("data", "synth"), ("trt", "build"),
-                ("dev", "parity"), ("dev", "refit-fusion"), ("dev", "export-folds")} <= with_json
+                ("dev", "parity"), ("dev", "refit-fusion")} <= with_json
 
     def test_one_meaning_per_option(self):
         """--profile is a profile name, --profile-file a file, --timeout seconds per request, --max-patients a count."""

@@ -1,5 +1,6 @@
 """Fusion (Eq. 1) and the two majority votes, on hand-checked cases."""
 
+import json
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from wff.ensemble.fusion import (
     fuse,
     load_fusion_settings,
     series_image_p,
+    settings_from_parameters,
     vote,
     vote_labels,
     weight_grid,
@@ -145,28 +147,37 @@ class TestFusionSettings:
         with pytest.raises(ValueError, match="f.json"):
             load_fusion_settings(tmp_path / "f.json")
 
-    def test_round_trip_with_calibration(self, tmp_path):
-        from wff.ensemble.calibration import Calibration, Platt
+    @pytest.mark.parametrize("calibration", ["absent", None, {"d": [1.0, 0.0], "m": [1.0, 0.0]}, {"d": [1, 0], "m": [1, 0]}])
+    def test_uncalibrated_runs_load_as_before(self, tmp_path, calibration):
+        """fusion.json of runs that left D and M uncalibrated (no key, null, or the identity that every
+        run wrote while the option existed) loads, and is written back without the key."""
+        data = FusionSettings(cv={"folds": 4}).to_dict()
+        assert "calibration" not in data
+        if calibration != "absent":
+            data["calibration"] = calibration
+        (tmp_path / "fusion.json").write_text(json.dumps(data))
+        loaded = load_fusion_settings(tmp_path / "fusion.json")
+        assert loaded == FusionSettings(cv={"folds": 4})
+        params = {k: v if k == "served_strategy" else json.dumps(v) for k, v in data.items()}  # a built repository's
+        assert settings_from_parameters(params) == loaded
 
-        s = FusionSettings(calibration=Calibration(Platt(0.5, 0.1), Platt(1.2, -0.3)))
-        s.save(tmp_path / "fusion.json")
-        assert load_fusion_settings(tmp_path / "fusion.json") == s
+    def test_calibrated_run_is_refused(self, tmp_path):
+        """A fusion.json that calibrates D or M (Platt scaling, removed) is refused naming the file, the
+        key and the refit that chooses the fusion again without it; so is a repository built from one."""
+        data = {**FusionSettings().to_dict(), "calibration": {"d": [0.5, 0.1], "m": [1.0, 0.0]}}
+        (tmp_path / "fusion.json").write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=r"fusion\.json: \"calibration\".*no gain measured.*wff dev refit-fusion ARTIFACTS"):
+            load_fusion_settings(tmp_path / "fusion.json")
+        params = {k: v if k == "served_strategy" else json.dumps(v) for k, v in data.items()}
+        with pytest.raises(ValueError, match=r"fusion model config parameters: \"calibration\".*wff repo build"):
+            settings_from_parameters(params)
 
-    def test_runs_without_calibration_load_uncalibrated(self, tmp_path):
-        """fusion.json written before calibration existed has no "calibration": the identity."""
-        (tmp_path / "f.json").write_text('{"served_strategy": "Det", "det_threshold": 0.5, "strategies": {"Det": [1,0,0]}}')
-        assert load_fusion_settings(tmp_path / "f.json").calibration.d.is_identity
-
-    def test_decide_calibrates_before_eq1(self):
-        """An over-confident D (0.95) that outvotes age (0.2) at equal weights stops doing so once
-        tempered (a = 0.25: 0.95 -> 0.67): (0.67 + 0.2) / 2 < 0.5."""
-        from wff.ensemble.calibration import Calibration, Platt
-
+    def test_decide_is_eq1_on_the_components_as_they_are(self):
+        """D = 0.95 and age 0.2 at equal weights: P = 0.575, malignant at vote threshold 0.5, benign at 0.6."""
         c = components([0.95], [0.9], [0], [0.5], a=0.2)
-        raw = FusionSettings("Det-Age", 0.5, {"Det-Age": (0.5, 0.0, 0.5)})
-        tempered = FusionSettings("Det-Age", 0.5, {"Det-Age": (0.5, 0.0, 0.5)}, calibration=Calibration(d=Platt(0.25, 0.0)))
-        assert raw.decide(c).label == 1 and tempered.decide(c).label == 0
-        assert raw.decide(c).p_malignant == pytest.approx(fuse(c, (0.5, 0.0, 0.5), 0.5).p_malignant)
+        settings = FusionSettings("Det-Age", 0.5, {"Det-Age": (0.5, 0.0, 0.5)}, vote_thresholds={"Det-Age": 0.6})
+        assert settings.decide(c).p_malignant == pytest.approx(0.575)
+        assert settings.decide(c).label == 0 and fuse(c, (0.5, 0.0, 0.5), 0.5).label == 1
 
 
 class TestVoteLabels:

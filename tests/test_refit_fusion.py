@@ -14,8 +14,8 @@ from wff.training.train import CV_COMPONENTS, refit_fusion, write_cv_components
 
 
 def run_folder(tmp_path):
-    """A trained run's folder as far as refit needs it: profile.json, cv_components.json, train_report.json.
-    D is over-confident (0.99 / 0.01, right for 7 of 10 patients per class); age is informative."""
+    """A trained run's folder as far as refit needs it: profile.json, cv_components.json, fusion.json,
+    train_report.json. D is over-confident (0.99 / 0.01, right for 7 of 10 patients per class); age is informative."""
     comps, labels = [], []
     for y in (0, 1):
         for i in range(10):
@@ -33,16 +33,36 @@ def run_folder(tmp_path):
     return tmp_path
 
 
-def test_refit_with_calibration_rewrites_the_run(tmp_path):
+def test_refit_rewrites_the_run(tmp_path):
     art = run_folder(tmp_path)
-    before = load_fusion_settings(art / "fusion.json")
-    assert before.calibration.d.is_identity
-    settings = refit_fusion(art, {"calibrate": True})
+    settings = refit_fusion(art, {"det_threshold_grid": [0.1, 0.5]})
     saved = load_fusion_settings(art / "fusion.json")
-    assert saved == settings and 0 < saved.calibration.d.a < 1
-    assert load_profile(art / "profile.json").fusion.calibrate is True
+    assert saved == settings and saved.det_threshold in (0.1, 0.5)
+    assert load_profile(art / "profile.json").fusion.det_threshold_grid == (0.1, 0.5)
     report = json.loads((art / "train_report.json").read_text())
-    assert report["cv"] == json.loads(json.dumps(settings.cv)) and report["fusion_refits"][0]["overrides"] == {"calibrate": True}
+    assert report["cv"] == json.loads(json.dumps(settings.cv))
+    assert report["fusion_refits"][0]["overrides"] == {"det_threshold_grid": [0.1, 0.5]}
+
+
+def test_refit_chooses_a_calibrated_run_again_without_calibration(tmp_path):
+    """A run whose fusion calibrated D and M (fusion.calibrate, removed) is refused where it is served,
+    and wff dev refit-fusion ARTIFACTS, which that refusal names, makes it servable: fusion.json and
+    profile.json rewritten without the removed keys, the same choice as an uncalibrated run's."""
+    art = run_folder(tmp_path)
+    uncalibrated = load_fusion_settings(art / "fusion.json")
+    profile = json.loads((art / "profile.json").read_text())
+    profile["fusion"]["calibrate"] = True
+    (art / "profile.json").write_text(json.dumps(profile))
+    fusion = json.loads((art / "fusion.json").read_text())
+    fusion["calibration"] = {"d": [0.37, 0.02], "m": [1.4, -0.1]}
+    (art / "fusion.json").write_text(json.dumps(fusion))
+    with pytest.raises(ValueError, match=r"fusion\.json: \"calibration\".*wff dev refit-fusion ARTIFACTS"):
+        load_fusion_settings(art / "fusion.json")
+    result = CliRunner().invoke(main, ["dev", "refit-fusion", str(art)])
+    assert result.exit_code == 0, result.output
+    assert "calibration" not in json.loads((art / "fusion.json").read_text())
+    assert "calibrate" not in json.loads((art / "profile.json").read_text())["fusion"]
+    assert load_fusion_settings(art / "fusion.json").strategies == uncalibrated.strategies
 
 
 def test_settings_the_components_depend_on_are_refused(tmp_path):
@@ -54,19 +74,20 @@ def test_settings_the_components_depend_on_are_refused(tmp_path):
 def test_missing_components_named(tmp_path):
     SMALL.save(tmp_path / "profile.json")
     with pytest.raises(FileNotFoundError, match="cv_components.json"):
-        refit_fusion(tmp_path, {"calibrate": True})
+        refit_fusion(tmp_path, {"cv_metric": "acc"})
 
 
 def test_cli(tmp_path):
     art = run_folder(tmp_path)
-    result = CliRunner().invoke(main, ["dev", "refit-fusion", str(art), "--set", "fusion.calibrate=true", "--set", "fusion.det_threshold_grid=[0.1, 0.5]",
-                                       "--json", "-"])
+    result = CliRunner().invoke(main, ["dev", "refit-fusion", str(art), "--set", "fusion.det_threshold_grid=[0.1, 0.5]", "--json", "-"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["calibration"]["d"][0] < 1 and out["det_threshold"] in (0.1, 0.5)
+    assert out["det_threshold"] in (0.1, 0.5) and "calibration" not in out
     assert load_profile(art / "profile.json").fusion.det_threshold_grid == (0.1, 0.5)
     bad = CliRunner().invoke(main, ["dev", "refit-fusion", str(art), "--set", "detector.epochs=2"])
     assert bad.exit_code == 2 and "fusion.* settings only" in bad.output
+    removed = CliRunner().invoke(main, ["dev", "refit-fusion", str(art), "--set", "fusion.calibrate=true"])
+    assert removed.exit_code == 2 and "fusion.calibrate (Platt calibration of D and M before Eq. 1) was removed" in removed.output
 
 
 def test_cli_operating_point(tmp_path):

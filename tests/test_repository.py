@@ -104,20 +104,17 @@ class TestConfigs:
         assert len(json.loads(params["strategies"])) == 6
 
     def test_fusion_parameters_carry_what_decides(self):
-        """Vote thresholds and calibration reach the client too, so its Table 3 matches the server's decisions."""
-        from wff.ensemble.calibration import Calibration, Platt
-
-        s = FusionSettings(det_threshold=0.2, calibration=Calibration(Platt(0.5, 0.1), Platt(1.2, -0.3)),
-                           vote_thresholds={"Det": 0.65})
+        """Vote thresholds reach the client too, so its Table 3 matches the server's decisions."""
+        s = FusionSettings(det_threshold=0.2, vote_thresholds={"Det": 0.65})
         back = settings_from_parameters(fusion_parameters(s))
         assert back == dataclasses.replace(s, cv={})
         assert back.vote_threshold("Det") == 0.65 and back.vote_threshold("Seq") == 0.5
 
     def test_fusion_parameters_of_older_repositories(self):
-        """A repository built before vote thresholds and calibration were parameters reads as 0.5 and none."""
+        """A repository built before vote thresholds were parameters reads as 0.5."""
         params = {k: v for k, v in fusion_parameters(FusionSettings()).items() if k in ("served_strategy", "det_threshold", "strategies")}
         back = settings_from_parameters(params)
-        assert back.calibration.d.is_identity and set(back.vote_thresholds.values()) == {0.5}
+        assert set(back.vote_thresholds.values()) == {0.5}
 
     def test_fusion_parameters_malformed(self):
         """A hand-edited parameter that is not JSON is named as such, with the fix, not a bare decode error."""
@@ -234,6 +231,57 @@ class TestBuildErrors:
         FusionSettings(det_threshold=chosen).save(art / "fusion.json")
         build_repository(tmp_path / "repo", "embedded", art)
         assert f'"{chosen!r}"' in (tmp_path / "repo" / "fusion" / "config.pbtxt").read_text()
+
+
+class TestRunsWithRemovedOptions:
+    """Runs trained while fusion.calibrate and serving.members existed hold those keys in profile.json
+    (every run) and "calibration" in fusion.json; the options were removed (no gain measured)."""
+
+    @staticmethod
+    def old_run(tiny_artifacts, tmp_path, fusion: dict, serving: dict, calibration):
+        import shutil
+
+        art = shutil.copytree(tiny_artifacts, tmp_path / "art")
+        profile = json.loads((art / "profile.json").read_text())
+        profile["fusion"].update(fusion)
+        profile["serving"].update(serving)
+        (art / "profile.json").write_text(json.dumps(profile))
+        settings = json.loads((art / "fusion.json").read_text())
+        (art / "fusion.json").write_text(json.dumps({**settings, "calibration": calibration}))
+        return art
+
+    def test_a_run_that_used_neither_is_served_as_before(self, tiny_artifacts, tmp_path):
+        """Their "off" values (any fusion.calibrate, serving.members "final", any members_box_iou, an
+        identity calibration) are dropped on load: the repository is the one a current run gets."""
+        art = self.old_run(tiny_artifacts, tmp_path, {"calibrate": False}, {"members": "final", "members_box_iou": 0.55},
+                           {"d": [1.0, 0.0], "m": [1.0, 0.0]})
+        old = build_repository(tmp_path / "old", "embedded", art)
+        new = build_repository(tmp_path / "new", "embedded", tiny_artifacts)
+        for step in ("detector", "fusion"):
+            assert (old / step / "config.pbtxt").read_text() == (new / step / "config.pbtxt").read_text()
+            assert load_profile(old / step / "1" / "profile.json") == load_profile(new / step / "1" / "profile.json")
+        assert sorted(p.name for p in (old / "detector" / "1").iterdir()) == ["model.onnx", "model.py", "profile.json"]
+
+    def test_fold_members_are_refused(self, tiny_artifacts, tmp_path):
+        art = self.old_run(tiny_artifacts, tmp_path, {}, {"members": "folds"}, None)
+        with pytest.raises(ValueError, match=r"art/profile\.json\.serving: members=\"folds\" is refused: serving\.members "
+                                             r"\(serving the cross-validation fold models merged\) was removed: no gain measured"
+                                             r".*delete the key to serve the final models"):
+            build_repository(tmp_path / "repo", "embedded", art)
+
+    def test_a_calibrated_fusion_is_refused(self, tiny_artifacts, tmp_path):
+        art = self.old_run(tiny_artifacts, tmp_path, {"calibrate": True}, {}, {"d": [0.5, 0.1], "m": [1.2, -0.3]})
+        with pytest.raises(ValueError, match=r"art/fusion\.json: \"calibration\".*wff dev refit-fusion ARTIFACTS"):
+            build_repository(tmp_path / "repo", "embedded", art)
+
+    def test_cli_names_the_file_and_what_to_do(self, tiny_artifacts, tmp_path):
+        """wff repo build: one-line error on stderr, exit 1; --set of a removed key is a usage error (exit 2)."""
+        art = self.old_run(tiny_artifacts, tmp_path, {}, {"members": "folds"}, None)
+        result = CliRunner().invoke(main, ["repo", "build", "--artifacts", str(art), str(tmp_path / "r")])
+        assert result.exit_code == 1 and result.stderr.startswith("wff: error: ") and "serving.members" in result.stderr
+        for key in ("serving.members=folds", "serving.members_box_iou=0.5"):
+            result = CliRunner().invoke(main, ["repo", "build", "--artifacts", str(tiny_artifacts), "--set", key, str(tmp_path / "s")])
+            assert result.exit_code == 2 and f"{key.partition('=')[0]} (" in result.output and "was removed" in result.output
 
 
 class TestCli:

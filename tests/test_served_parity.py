@@ -105,13 +105,15 @@ class TestServedParity:
 
 class TestFoldModels:
     def test_fold_checkpoints_reproduce_the_out_of_fold_components(self, trained):
-        """folds/fold<k>/ holds the models behind cv_components.json: re-diagnosing each fold's
-        held-out patients with them gives the same components (so fold models can be studied later)."""
+        """folds/fold<k>/ holds the checkpoints behind cv_components.json (and no ONNX export: only the final
+        models are served): re-diagnosing each fold's held-out patients with them gives the same components."""
         from wff.ensemble.age_prior import AgePrior
         from wff.training.checkpoint import load_classifier, load_detector
         from wff.training.train import CV_COMPONENTS, fold_models_dir, load_split, out_of_fold_components, read_cv_components
 
         data, artifacts = trained
+        assert sorted(p.name for p in fold_models_dir(artifacts, 0).iterdir()) == ["classifier.pt", "detector.pt"]
+        assert "fold_onnx_parity" not in json.loads((artifacts / "train_report.json").read_text())
         comps, labels, folds = read_cv_components(artifacts / CV_COMPONENTS)
         patients = load_split(data, "train", TINY_TRAINED, lambda _: None)
         ages = np.array([p.record.age for p in patients], np.float64)
@@ -202,73 +204,6 @@ class TestReusedFinalModels:
             run_training(data, tmp_path / "artifacts", TINY_TRAINED, detectors_from=source, final_from=source)
 
 
-@pytest.fixture(scope="module")
-def served_folds(trained, tmp_path_factory):
-    """The same run served with serving.members=folds: each step runs the two fold models and merges them."""
-    import dataclasses
-
-    _, artifacts = trained
-    serving = dataclasses.replace(TINY_TRAINED.serving, members="folds")
-    repo = build_repository(tmp_path_factory.mktemp("repo-folds") / "repository", "embedded", artifacts=artifacts, serving=serving)
-    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0) as server:
-        yield server
-
-
-class TestServedFoldMembers:
-    def test_training_exports_every_fold(self, trained):
-        """wff train writes folds/fold<k>/{detector,classifier}.onnx, each checked against PyTorch."""
-        from wff.ensemble.pipeline import fold_models
-
-        _, artifacts = trained
-        for step in ("detector", "classifier"):
-            assert len(fold_models(artifacts, TINY_TRAINED, step)) == TINY_TRAINED.train.cv_folds
-        parity = json.loads((artifacts / "train_report.json").read_text())["fold_onnx_parity"]
-        assert len(parity) == TINY_TRAINED.train.cv_folds
-        assert all(p["classifier_max_abs_diff"] < 1e-3 and p["detector_max_abs_diff"] < 1e-2 for p in parity)
-
-    def test_served_folds_match_in_process_folds(self, trained, served_folds):
-        """Served with the fold models = the in-process pipeline over the same fold models, and not the
-        final model's answer (the members are really served)."""
-        data, artifacts = trained
-        folds = Pipeline.from_artifacts(artifacts, members="folds")
-        final = Pipeline.from_artifacts(artifacts, members="final")
-        differs = False
-        with DiagnosisClient(served_folds.grpc_url) as client:
-            for record in load_records(data, "test"):
-                files = read_patient_files(record.path)
-                remote = client.diagnose(files, age=record.age)
-                local = folds.diagnose_files(files, age=record.age)
-                assert remote.label == local.label, record.patient_id
-                assert abs(remote.p_malignant - local.p_malignant) <= P_ATOL, record.patient_id
-                np.testing.assert_allclose(remote.series_m, local.series_m, atol=P_ATOL)
-                np.testing.assert_allclose(remote.slice_d, local.slice_d, atol=P_ATOL, equal_nan=True)
-                np.testing.assert_allclose(remote.slice_score, local.slice_score, atol=P_ATOL)
-                alone = final.diagnose_files(files, age=record.age)
-                differs |= not np.allclose(alone.series_m, local.series_m, atol=1e-3)
-        assert differs, "the fold ensemble answered exactly as the final model"
-
-    def test_export_folds_recreates_them(self, trained, tmp_path):
-        """wff dev export-folds on a run without fold ONNX files writes them again from the .pt checkpoints,
-        with the same outputs as the ones training exported."""
-        import shutil
-
-        from wff.ensemble.pipeline import fold_models_dir
-        from wff.training.train import export_fold_models
-
-        data, artifacts = trained
-        copy = shutil.copytree(artifacts, tmp_path / "artifacts")
-        for k in range(TINY_TRAINED.train.cv_folds):
-            for step in ("detector", "classifier"):
-                (fold_models_dir(copy, k) / f"{step}.onnx").unlink()
-        parity = export_fold_models(data, copy, progress=lambda _: None)
-        assert len(parity) == TINY_TRAINED.train.cv_folds
-        files = read_patient_files(load_records(data, "test")[0].path)
-        again = Pipeline.from_artifacts(copy, members="folds").diagnose_files(files)
-        before = Pipeline.from_artifacts(artifacts, members="folds").diagnose_files(files)
-        np.testing.assert_allclose(again.series_m, before.series_m, atol=1e-5)
-        np.testing.assert_allclose(again.slice_d, before.slice_d, atol=1e-5, equal_nan=True)
-
-
 class TestSplitParity:
     def test_onnx_runtime_matches_pytorch_on_the_test_split(self, trained):
         """wff dev parity: every test patient through the checkpoints and the exported models agrees within
@@ -287,11 +222,14 @@ class TestSplitParity:
         import shutil
 
         from wff.ensemble.pipeline import fold_models_dir
+        from wff.training.checkpoint import load_classifier
+        from wff.training.export import export_classifier
         from wff.training.parity import split_parity
 
         data, artifacts = trained
         copy = shutil.copytree(artifacts, tmp_path / "artifacts")
-        shutil.copy2(fold_models_dir(artifacts, 0) / "classifier.onnx", copy / "classifier.onnx")
+        fold_classifier, profile = load_classifier(fold_models_dir(artifacts, 0) / "classifier.pt")
+        export_classifier(fold_classifier, profile, copy / "classifier.onnx")
         summary = split_parity(data, copy, "test")
         assert not summary["passed"]
         assert summary["classifier"]["probs"] > summary["tolerance"]["probability"]

@@ -1,4 +1,4 @@
-"""``wff train`` and the model-development tools of ``wff dev`` (parity, refit-fusion, export-folds)."""
+"""``wff train`` and the model-development tools of ``wff dev`` (parity, refit-fusion)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def train(dataset: Path, profile_name: str, out: Path | None, device: str, overr
               help="Fusion setting to change, e.g. fusion.cv_metric=expected_acc (repeatable).")
 @json_option("the new fusion settings")
 def refit_fusion(artifacts: Path, overrides: tuple[str, ...], json_out: str | None) -> None:
-    """Choose the fusion weights, voting threshold and calibration of a trained run again from its
+    """Choose the fusion weights and voting threshold of a trained run again from its
     out-of-fold components (cv_components.json), with some fusion settings changed; nothing is
     trained. Rewrites fusion.json, profile.json and train_report.json in ARTIFACTS; rebuild the
     model repository (wff repo build) to serve the new choice."""
@@ -88,28 +88,6 @@ def refit_fusion(artifacts: Path, overrides: tuple[str, ...], json_out: str | No
                    f"voting threshold {settings.det_threshold:g}, vote threshold {settings.vote_threshold():g}")
         click.echo("cross-validation, out of fold:")
         click.echo(format_table(settings.cv["out_of_fold"]))
-
-
-@click.command("export-folds")
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@json_option("the ONNX-vs-PyTorch check of every fold")
-def export_folds(dataset: Path, artifacts: Path, json_out: str | None) -> None:
-    """Export the cross-validation fold models of a trained run (ARTIFACTS/folds/fold<k>/*.pt) to ONNX
-    beside them, each checked against PyTorch on its training patients from DATASET, so that
-    serving.members=folds can serve them. wff train does this itself; this is for runs trained before."""
-    from wff.training.train import export_fold_models
-
-    try:
-        parity = export_fold_models(dataset, artifacts, progress=progress_printer)
-    except (ValueError, FileNotFoundError) as e:
-        raise WffError(str(e)) from e
-    if json_out:
-        write_json({"artifacts": str(artifacts), "fold_onnx_parity": parity}, json_out)
-    if json_out != "-":
-        for k, p in enumerate(parity):
-            click.echo(f"fold {k}: ONNX Runtime vs PyTorch max |diff| detector {p['detector_max_abs_diff']:.2g}, "
-                       f"classifier {p['classifier_max_abs_diff']:.2g}")
 
 
 @click.command("parity")

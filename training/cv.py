@@ -8,14 +8,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from wff.config import FusionConfig
-from wff.ensemble.calibration import Calibration, Platt, apply_calibration, balanced_weights
 from wff.ensemble.fusion import (
     PAPER_WEIGHTS,
     STRATEGIES,
     VOTE_THRESHOLD,
     Components,
     FusionSettings,
-    voting_slices,
     weight_grid,
 )
 from wff.ensemble.metrics import strategy_metrics
@@ -75,45 +73,6 @@ def _auc_key(m: dict[str, float]) -> float:
     return -1.0 if np.isnan(m["auc"]) else m["auc"]
 
 
-def fit_calibration(components: Sequence, labels: Sequence[int], det_threshold: float) -> Calibration:
-    """Fit D's calibration on the voting slices and M's on the series of ``components``.
-
-    Each patient weighs the same within its class and the classes weigh half each (equal
-    priors, like the networks' class-balanced training and the balanced age prior).
-    """
-    d_p, d_y, d_w, m_p, m_y, m_w = [], [], [], [], [], []
-    for comp, label in zip(components, labels):
-        n_series = len(comp.series_m)
-        slice_d, slice_w = [], []
-        for q in range(n_series):
-            members = comp.slice_series == q
-            v = voting_slices(comp.slice_score[members], comp.slice_d[members], det_threshold)
-            if v.size:
-                slice_d.append(comp.slice_d[members][v])
-                slice_w.append(np.full(v.size, 1.0 / v.size))
-        if slice_d:
-            d = np.concatenate(slice_d)
-            d_p.append(d)
-            d_y.append(np.full(d.size, label))
-            d_w.append(np.concatenate(slice_w) / len(slice_d))  # each series of the patient the same
-        m = np.asarray(comp.series_m, np.float64)
-        m = m[~np.isnan(m)]
-        if m.size:
-            m_p.append(m)
-            m_y.append(np.full(m.size, label))
-            m_w.append(np.full(m.size, 1.0 / m.size))
-    cal_d = _fit(d_p, d_y, d_w)
-    cal_m = _fit(m_p, m_y, m_w)
-    return Calibration(cal_d, cal_m)
-
-
-def _fit(p: list, y: list, w: list) -> Platt:
-    if not p:
-        return Platt()
-    y_all = np.concatenate(y)
-    return Platt.fit(np.concatenate(p), y_all, balanced_weights(y_all, np.concatenate(w)))
-
-
 def choose_weights(
     components: Sequence[Components], labels: Sequence[int], cfg: FusionConfig
 ) -> FusionSettings:
@@ -127,14 +86,8 @@ def choose_weights(
 
     Remaining ties go to the weights closest to the paper's (normalised), then to the vote
     threshold closest to 0.5, then to grid order, so the choice is deterministic.
-
-    With ``cfg.calibrate``, D and M are first calibrated (:func:`fit_calibration` at
-    ``cfg.det_threshold``, on the same components) and the weights chosen on the calibrated
-    values; the settings carry that calibration.
     """
     check_search(cfg)
-    calibration = fit_calibration(components, labels, cfg.det_threshold) if cfg.calibrate else Calibration()
-    components = [apply_calibration(c, calibration) for c in components]
     votes = tuple(float(t) for t in cfg.vote_threshold_grid)
     strategies: dict[str, tuple[float, float, float]] = {}
     vote_thresholds: dict[str, float] = {}
@@ -154,7 +107,7 @@ def choose_weights(
     cv = {"out_of_fold": report, "patients": len(labels), "metric": cfg.cv_metric}
     if cfg.cv_metric == "expected_acc":
         cv["prevalence"] = cfg.prevalence
-    return FusionSettings(cfg.strategy, cfg.det_threshold, strategies, cv, calibration, vote_thresholds)
+    return FusionSettings(cfg.strategy, cfg.det_threshold, strategies, cv, vote_thresholds)
 
 
 def choose_fusion(components: Sequence[Components], labels: Sequence[int], cfg: FusionConfig) -> FusionSettings:
@@ -209,7 +162,6 @@ def nested_choice(
             "weights": list(settings.served_weights),
             "det_threshold": settings.det_threshold,
             "vote_threshold": settings.vote_threshold(),
-            "calibration": settings.calibration.to_dict(),
         })
         for i in held:
             decision = settings.decide(components[i])

@@ -16,9 +16,8 @@ Steps, following the paper's protocol:
 5. export both to ONNX, check ONNX Runtime against PyTorch, and write the artifacts:
    profile.json, detector.pt, classifier.pt, detector.onnx, classifier.onnx, age_prior.json,
    fusion.json, train_report.json, cv_components.json (the out-of-fold fusion inputs the weights
-   were chosen on) and, with train.save_fold_models, folds/fold<k>/{detector,classifier}.{pt,onnx}
-   (the fold models they came from, exported and checked like the final ones); the server needs
-   the fold models only with serving.members = "folds".
+   were chosen on) and, with train.save_fold_models, folds/fold<k>/{detector,classifier}.pt
+   (the fold models they came from; the server serves the final models only).
 
 With ``detectors_from`` (``wff train --detectors-from``), every detector (each fold's and the
 final one) is taken from an earlier run's artifacts instead of being trained again, after
@@ -30,7 +29,7 @@ train.seed and train.max_steps, same patients) and only the folds are trained: w
 the cross-validation itself (e.g. full-length fold models, train.cv_epoch_scale = 1) needs.
 
 ``refit_fusion`` (``wff dev refit-fusion ARTIFACTS``) redoes only the choice of step 3 from the
-run's cv_components.json with other fusion settings (metric, threshold grid, calibration):
+run's cv_components.json with other fusion settings (metric, threshold grids, prevalence):
 nothing is trained and the test split is not read.
 
 The test split is not touched here: it is used once, by ``wff evaluate``.
@@ -317,8 +316,6 @@ def run_training(
         comps = out_of_fold_components([patients[i] for i in held_out], det, cls, fold_prior, profile, device)
         for i, c in zip(held_out, comps):
             oof[i] = c
-        if profile.train.save_fold_models:  # after the components: export moves the models to the CPU
-            report.setdefault("fold_onnx_parity", []).append(export_and_check(det, cls, fold_patients, profile, fold_dir))
         report["timings"][tag] = timing
         progress(f"{tag}: {len(held_out)} held-out patients diagnosed")
     settings = choose_fusion(oof, labels, profile.fusion)
@@ -346,40 +343,9 @@ def run_training(
     return out
 
 
-def export_fold_models(dataset: str | Path, artifacts: str | Path, progress: Progress | None = None) -> list[dict]:
-    """Export the saved fold models of a run (folds/fold<k>/{detector,classifier}.pt) to ONNX beside them,
-    each checked against PyTorch on its own training patients, for ``serving.members = "folds"``; what
-    ``wff train`` does itself since fold models are served, for runs trained before. Returns the parity
-    of each fold (also recorded in train_report.json as ``fold_onnx_parity``)."""
-    progress = progress or log.info
-    artifacts = Path(artifacts)
-    profile = load_profile(artifacts / "profile.json")
-    paths = [{kind: fold_models_dir(artifacts, k) / name for kind, name in CHECKPOINTS.items()} for k in range(profile.train.cv_folds)]
-    missing = [str(p) for fold in paths for p in fold.values() if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{missing}: not found; the run kept no fold models (train.save_fold_models); retrain to serve them")
-    patients = load_split(Path(dataset), "train", profile, progress)
-    labels = np.array([p.record.label for p in patients])
-    folds = stratified_folds(labels, profile.train.cv_folds, profile.train.seed)
-    parity = []
-    for k, (held_out, fold) in enumerate(zip(folds, paths)):
-        fold_patients = [patients[i] for i in np.setdiff1d(np.arange(len(patients)), held_out)]
-        digest = training_set_digest(fold_patients)
-        models = [reuse_model(path, kind, profile, digest, (), "wff dev export-folds") for kind, path in fold.items()]
-        fold_dir = fold_models_dir(artifacts, k)
-        parity.append(export_and_check(*models, fold_patients, profile, fold_dir))
-        progress(f"fold {k + 1}/{len(folds)}: exported to {fold_dir} (parity {parity[-1]})")
-    report_path = artifacts / "train_report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    report["fold_onnx_parity"] = parity
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    return parity
-
-
 # fusion.* settings the out-of-fold components do not depend on, so they can be changed after training
 # (fusion.det_threshold also picks the crop's region, which made the components: not refittable)
-REFIT_FUSION_KEYS = ("strategy", "det_threshold_grid", "grid_step", "cv_metric", "calibrate", "prevalence",
-                     "vote_threshold_grid")
+REFIT_FUSION_KEYS = ("strategy", "det_threshold_grid", "grid_step", "cv_metric", "prevalence", "vote_threshold_grid")
 
 
 def refit_fusion(artifacts: str | Path, fusion_overrides: dict, progress: Progress | None = None) -> FusionSettings:

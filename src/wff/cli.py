@@ -54,7 +54,6 @@ EXTRAS = {"torch": "train", "torchvision": "train", "onnxscript": "train", "pytr
 DEV_COMMANDS = {
     "parity": "wff.training.cli:parity",
     "refit-fusion": "wff.training.cli:refit_fusion",
-    "export-folds": "wff.training.cli:export_folds",
 }
 
 
@@ -90,12 +89,15 @@ def write_json(data, target: str) -> None:
 def apply_overrides(profile: Profile, overrides: tuple[str, ...]) -> Profile:
     """``--set SECTION.KEY=VALUE`` overrides of ``profile`` (value parsed as JSON, else kept as text);
     a bad one is a click.BadParameter of ``--set``. The one place every command's ``--set`` goes through."""
-    from wff.config import profile_from_dict
+    from wff.config import profile_from_dict, removed_key_note
 
     data = profile.to_dict()
     for item in overrides:
         key, sep, raw = item.partition("=")
         section, dot, field = key.partition(".")
+        removed = removed_key_note(section, field)
+        if removed:
+            raise click.BadParameter(f"{item!r}: {removed}", param_hint="--set")
         if not sep or not dot or section not in data or field not in data[section]:
             raise click.BadParameter(f"{item!r}: expected SECTION.KEY=VALUE with a key of the profile, e.g. detector.epochs=2", param_hint="--set")
         try:
@@ -173,7 +175,7 @@ def main(verbose: int) -> None:
 
 @click.group(cls=LazyGroup, lazy_commands=DEV_COMMANDS)
 def dev() -> None:
-    """Model-development tools: ONNX-vs-PyTorch parity, refitting the fusion, exporting fold models."""
+    """Model-development tools: ONNX-vs-PyTorch parity, refitting the fusion."""
 
 
 def _exit_on_sigterm(signum, _frame) -> None:

@@ -104,8 +104,6 @@ class FusionConfig:
     # Eq. 1's image vote P >= t: cross-validation chooses t per strategy among these (0.5 alone: the paper's
     # "category with the larger probability")
     vote_threshold_grid: tuple[float, ...] = (0.5,)
-    # Platt-calibrate D and M on the out-of-fold components before choosing the weights (ensemble.calibration)
-    calibrate: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,7 +113,9 @@ class TrainConfig:
     seed: int = 0
     num_threads: int = 2  # torch CPU threads
     max_steps: int = 0  # stop every fit after this many optimiser steps (0 = no cap; for smoke tests)
-    save_fold_models: bool = True  # write each fold's detector and classifier to folds/fold<k>/ (.pt and .onnx; served only with serving.members="folds")
+    # write each fold's detector and classifier checkpoints to folds/fold<k>/ (what the out-of-fold components
+    # came from; wff train --detectors-from reuses the detectors)
+    save_fold_models: bool = True
 
 
 @dataclass(frozen=True)
@@ -155,11 +155,6 @@ class ServingConfig:
     # growing: regions never shrink, and under load grew from one patient's size to 2-3 (BENCHMARKS.md, soak)
     shm_patients: int = 4
     runtime_chunk: int = 16  # served detector/classifier: items per runtime call within one batch (bounds activation memory)
-    # which trained models the detector and classifier steps serve: "final" (the model refitted on the whole training
-    # set, the paper's protocol) | "folds" (the cross-validation fold models the fusion was chosen on, outputs merged:
-    # wff.ensemble.members; embedded target only, ~k x the model compute)
-    members: str = "final"
-    members_box_iou: float = 0.55  # "folds": IoU at which the members' detections of a slice are fused into one box
     max_files: int = 512  # request limits (files per patient, bytes, slices, pixels per slice)
     max_bytes: int = 512 * 1024 * 1024
     max_slices: int = 96
@@ -197,6 +192,41 @@ class Profile:
         return dataclasses.replace(self, **updates)
 
 
+# Options removed because measurement showed no gain (docs/results.md), which profile.json files written before
+# still hold: (section, key) -> (the values that leave the behaviour as it is now, dropped on load (None: any
+# value); what the option did; what to do about a file holding another value).
+REMOVED_KEYS: dict[tuple[str, str], tuple[tuple | None, str, str]] = {
+    # fusion.json holds the calibration and ensemble.fusion refuses a calibrated one; the profile only recorded the choice
+    ("fusion", "calibrate"): (None, "Platt calibration of D and M before Eq. 1", ""),
+    ("serving", "members"): (
+        ("final",),
+        "serving the cross-validation fold models merged",
+        "delete the key to serve the final models, then build the repository again (wff repo build)",
+    ),
+    ("serving", "members_box_iou"): (None, "the IoU at which the fold models' boxes were merged", ""),
+}
+
+
+def removed_key_note(section: str, key: str) -> str | None:
+    """Why ``section.key`` is not a setting any more, or None when it never was one."""
+    entry = REMOVED_KEYS.get((section, key))
+    if entry is None:
+        return None
+    return f"{section}.{key} ({entry[1]}) was removed: no gain measured (docs/results.md)"
+
+
+def _drop_removed_keys(section: str, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """``data`` without the removed keys that leave the behaviour unchanged; ValueError for any other value."""
+    kept = dict(data)
+    for (sec, key), (neutral, _, remedy) in REMOVED_KEYS.items():
+        if sec != section or key not in kept:
+            continue
+        value = kept.pop(key)
+        if neutral is not None and value not in neutral:
+            raise ValueError(f"{where}: {key}={json.dumps(value)} is refused: {removed_key_note(section, key)}; {remedy}")
+    return kept
+
+
 def _section_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
@@ -224,7 +254,10 @@ def profile_from_dict(data: dict[str, Any], where: str = "profile") -> Profile:
     unknown = sorted(set(data) - set(_SECTIONS) - {"name"})
     if unknown:
         raise ValueError(f"{where}: unknown sections {unknown}; expected {sorted(_SECTIONS)}")
-    sections = {k: _section_from_dict(cls, data.get(k, {}), f"{where}.{k}") for k, cls in _SECTIONS.items()}
+    sections = {
+        k: _section_from_dict(cls, _drop_removed_keys(k, data.get(k, {}), f"{where}.{k}"), f"{where}.{k}")
+        for k, cls in _SECTIONS.items()
+    }
     return Profile(name=data.get("name", "custom"), **sections)
 
 

@@ -4,9 +4,8 @@ Triton's dynamic batcher merges requests; TritonStep concatenates their batches 
 session run. The step's contract is looked up by the model's name, so one class serves both.
 Runtime (ONNX Runtime or OpenVINO), its precision, threads and items per run: config parameters
 ``runtime``, ``runtime_precision``, ``runtime_threads`` and ``runtime_chunk``, else the profile's
-serving section. ``serving.members`` (profile.json) picks model.onnx or the fold models
-model.fold<k>.onnx, whose outputs are merged (wff.ensemble.members). The runtime is run once at every
-batch size it can get before the model reports ready (wff.ensemble.runtime.warm_up).
+serving section. The runtime is run once at every batch size it can get before the model reports
+ready (wff.ensemble.runtime.warm_up).
 """
 
 import time
@@ -15,8 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from wff.config import load_profile
 from wff.contracts import contracts_for
-from wff.ensemble.runtime import member_runner, warm_up
-from wff.serving.repository import member_models
+from wff.ensemble.runtime import make_runner, warm_up
 from wff.serving.triton_step import TritonStep
 
 
@@ -28,8 +26,7 @@ class OnnxRuntimeStep(TritonStep):
         contract = contracts_for(profile).step(self.model_name)
         runtime = self.parameter("runtime", profile.serving.runtime)
         precision = self.parameter("runtime_precision", profile.serving.runtime_precision)
-        paths = member_models(self.version_dir, profile.serving.members)
-        self.runner = member_runner(runtime, paths, contract, threads, chunk, precision, profile.serving.members_box_iou)
+        self.runner = make_runner(runtime, self.version_dir / "model.onnx", contract, threads, chunk, precision)
         started = time.monotonic()
         # every batch size one runtime call can get: the batcher's largest batch, cut into chunks of at most `chunk`
         sizes = warm_up(self.runner, min(chunk, self.model_config["max_batch_size"]))

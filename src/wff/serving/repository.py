@@ -20,10 +20,7 @@ The ensemble has no queue of its own; its requests wait in its steps' queues. La
 Only the detector and classifier differ between targets:
 
 * ``embedded``: Python backend over ONNX Runtime (model.py + model.onnx + profile.json), CPU.
-  Runs on the tritonserver shipped in the nvidia-pytriton wheel. With ``serving.members =
-  "folds"`` the version dir also holds the cross-validation fold models, model.fold<k>.onnx,
-  which the step serves instead of model.onnx (wff.ensemble.members); only this target merges
-  members, so the other two refuse that setting.
+  Runs on the tritonserver shipped in the nvidia-pytriton wheel.
 * ``onnxruntime``: Triton's onnxruntime backend over model.onnx (NGC tritonserver container).
 * ``tensorrt``: ``tensorrt_plan`` over model.plan, GPU instances. The plan is built inside the
   NGC container from the model.onnx copied beside it; until then the model does not load.
@@ -47,8 +44,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from wff.config import SMALL, Profile, ServingConfig, load_profile
 from wff.contracts import Contracts, StepContract, TensorSpec, contracts_for
 from wff.ensemble.fusion import FusionSettings, fusion_parameters, load_fusion_settings
-from wff.ensemble.members import check_box_iou, check_members
-from wff.ensemble.pipeline import ARTIFACT_MODELS, check_artifacts, fold_models
+from wff.ensemble.pipeline import ARTIFACT_MODELS, check_artifacts
 from wff.ensemble.runtime import check_runtime
 
 log = logging.getLogger(__name__)
@@ -57,7 +53,6 @@ TARGETS = ("embedded", "onnxruntime", "tensorrt")
 PYTHON_STEPS = ("preprocess", "crop", "fusion")  # always Python backend
 MODEL_STEPS = ("detector", "classifier")  # the exported networks; their config depends on the target
 CONFIG_NAME = "config.pbtxt"
-FOLD_MODEL = "model.fold{}.onnx"  # fold k's model in a version dir (serving.members = "folds"), k = 1..cv_folds
 VERSION = "1"
 # Ensemble config parameters that identify the served model (DiagnosisClient.model_identity reads them).
 MODEL_DIGEST_KEY = "model_digest"  # "sha256:<hex>", model_digest()
@@ -199,21 +194,6 @@ def read_config(path: str | Path) -> mc.ModelConfig:
     return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
 
 
-def member_models(version_dir: Path, members: str) -> list[Path]:
-    """The model files a detector/classifier version dir serves for ``serving.members``."""
-    check_members(members)
-    if members == "final":
-        return [version_dir / "model.onnx"]
-    found = {p.name: p for p in version_dir.glob(FOLD_MODEL.format("*"))}
-    paths = [found[FOLD_MODEL.format(k)] for k in range(1, len(found) + 1) if FOLD_MODEL.format(k) in found]
-    if not paths or len(paths) != len(found):
-        raise ValueError(
-            f"{version_dir}: serving.members is 'folds' but the fold models are {sorted(found) or 'absent'} "
-            f"(expected {FOLD_MODEL.format(1)} .. {FOLD_MODEL.format('<k>')}); rebuild with wff repo build"
-        )
-    return paths
-
-
 def model_digest(repository: Path, profile: Profile) -> str:
     """"sha256:<hex>" over what decides a diagnosis in a built repository: the served detector and classifier
     models (every .onnx of their version dirs, fold models included), the fusion step's fusion.json and
@@ -295,14 +275,6 @@ def build_repository(
             f"{profile.fusion.det_threshold} (used by crop) nor one of fusion.det_threshold_grid "
             f"{list(profile.fusion.det_threshold_grid)} (what cross-validation chooses from); retrain or fix one of them"
         )
-    check_members(profile.serving.members)
-    folds = profile.serving.members == "folds"
-    if folds:
-        if target != "embedded":
-            raise ValueError(f"serving.members=folds is served by the embedded target only (its steps merge the fold "
-                             f"models); target {target!r} serves serving.members=final")
-        check_box_iou(profile.serving.members_box_iou)
-    members = {s: fold_models(artifacts, profile, s) for s in MODEL_STEPS} if folds and artifacts is not None else {}
     configs = repository_configs(profile, target, settings, instance_kind)
     for name, cfg in configs.items():
         version = out / name / VERSION
@@ -316,8 +288,6 @@ def build_repository(
             continue
         if name in MODEL_STEPS:
             shutil.copy2(artifacts / ARTIFACT_MODELS[name], version / "model.onnx")
-            for k, path in enumerate(members.get(name, ()), 1):
-                shutil.copy2(path, version / FOLD_MODEL.format(k))
         if name == "fusion":
             shutil.copy2(artifacts / "fusion.json", version / "fusion.json")
             shutil.copy2(artifacts / "age_prior.json", version / "age_prior.json")
