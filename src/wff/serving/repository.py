@@ -196,7 +196,7 @@ def read_config(path: str | Path) -> mc.ModelConfig:
 
 def model_digest(repository: Path, profile: Profile) -> str:
     """"sha256:<hex>" over what decides a diagnosis in a built repository: the served detector and classifier
-    models (every .onnx of their version dirs, fold models included), the fusion step's fusion.json and
+    models (every .onnx of their version dirs), the fusion step's fusion.json and
     age_prior.json, and the profile without its serving section (deployment settings, which do not
     change a diagnosis)."""
     digest = hashlib.sha256()
