@@ -9,12 +9,14 @@ if [ ! -x "$ROOT/.venv/bin/python" ]; then
     "$PY" -m venv "$ROOT/.venv"
 fi
 # System packages the server and the tests use, from the distribution's archive when this runs as root
-# on Debian/Ubuntu: libjemalloc2 (tritonserver's allocator; the soak passes with it, BENCHMARKS.md) and
-# prometheus (promtool checks the shipped rules; the monitoring test scrapes a running server with it).
+# on Debian/Ubuntu: libjemalloc2 (tritonserver's allocator; the soak passes with it, BENCHMARKS.md),
+# prometheus (promtool checks the shipped rules; the monitoring test scrapes a running server with it),
+# orthanc and orthanc-dicomweb (the PACS the gateway's tests store into and read back from), dcmtk
+# (storescu, echoscu) and dicom3tools (dciodvfy validates the SR and presentation state).
 # Elsewhere install them by hand; the server warns at start-up when it runs without jemalloc.
-SYSTEM_PACKAGES=(libjemalloc2 prometheus)
+SYSTEM_PACKAGES=(libjemalloc2 prometheus orthanc orthanc-dicomweb dcmtk dicom3tools)
 SYSTEM_STAMP="$ROOT/.venv/.wff-system-packages"
-if [ ! -f "$SYSTEM_STAMP" ] && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+if [ "$(cat "$SYSTEM_STAMP" 2> /dev/null)" != "${SYSTEM_PACKAGES[*]}" ] && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
     missing=()
     for pkg in "${SYSTEM_PACKAGES[@]}"; do
         dpkg-query -W -f='${Status}' "$pkg" 2> /dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -25,12 +27,12 @@ if [ ! -f "$SYSTEM_STAMP" ] && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/n
         apt-get update -qq > /dev/null
         apt-get install -y -qq --no-install-recommends "${missing[@]}" > /dev/null
     fi
-    touch "$SYSTEM_STAMP"
+    echo "${SYSTEM_PACKAGES[*]}" > "$SYSTEM_STAMP"
 fi
-# spine-wff itself, editable, with every extra: serve (tritonserver, runtimes), train (torch), dev
-# (tests). The stamp holds the extras and pyproject.toml's hash, so a changed dependency list or
+# spine-wff itself, editable, with every extra: serve (tritonserver, runtimes), train (torch), pacs
+# (DICOM network, DICOMweb, SR), dev (tests). The stamp holds the extras and pyproject.toml's hash, so a changed dependency list or
 # extras layout installs again on the next run.
-EXTRAS="serve,train,dev"
+EXTRAS="serve,train,pacs,dev"
 STAMP="$ROOT/.venv/.wff-installed"
 PYPROJECT_SHA256="$("$ROOT/.venv/bin/python" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$ROOT/pyproject.toml")"
 WANTED="extras=$EXTRAS pyproject.toml=$PYPROJECT_SHA256"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -82,12 +83,13 @@ class TestDependencies:
         assert {"numpy", "pydicom", "tritonclient", "grpcio", "protobuf", "click", "matplotlib"} <= core
 
     def test_extras_hold_the_rest(self):
-        """[serve] has the server and its runtimes, [train] torch and the export, [dev] both plus the test tools."""
+        """[serve] has the server and its runtimes, [train] torch and the export, [pacs] the DICOM network, [dev] all three plus the test tools."""
         extras = PYPROJECT["project"]["optional-dependencies"]
         assert {"nvidia-pytriton", "onnxruntime", "openvino", "onnx"} <= requirement_names(extras["serve"])
         assert {"torch", "torchvision", "onnx", "onnxscript", "onnxruntime"} <= requirement_names(extras["train"])
         (itself,) = [Requirement(r) for r in extras["dev"] if canonicalize_name(Requirement(r).name) == "spine-wff"]
-        assert itself.extras == {"serve", "train"} and "pytest" in requirement_names(extras["dev"])
+        assert {"pynetdicom", "highdicom", "dicomweb-client"} <= requirement_names(extras["pacs"])
+        assert itself.extras == {"serve", "train", "pacs"} and "pytest" in requirement_names(extras["dev"])
 
 
 class TestThinClient:
@@ -237,7 +239,9 @@ class TestSetupScript:
         shutil.copy2(ROOT / "scripts" / "setup.sh", root / "scripts")
         (root / "pyproject.toml").write_text('[project]\nname = "spine-wff"\n')
         (root / ".venv" / "bin").mkdir(parents=True)
-        (root / ".venv" / ".wff-system-packages").touch()
+        # the stamp of system packages already installed: the list setup.sh names, so it runs no apt-get
+        system_packages = re.search(r"^SYSTEM_PACKAGES=\((.*)\)$", (ROOT / "scripts" / "setup.sh").read_text(), re.M)
+        (root / ".venv" / ".wff-system-packages").write_text(system_packages.group(1) + "\n")
         pip_log = tmp_path / "pip.log"
         python = root / ".venv" / "bin" / "python"
         python.write_text(f'#!/bin/sh\nif [ "$1" = -m ] && [ "$2" = pip ]; then echo "$*" >> {pip_log}; exit 0; fi\nexec {sys.executable} "$@"\n')
@@ -245,7 +249,7 @@ class TestSetupScript:
         return root, pip_log
 
     def test_installs_every_extra_again_when_pyproject_changes(self, checkout):
-        """A first run (or a stamp from an older set-up) installs -e .[serve,train,dev]; a second does nothing;
+        """A first run (or a stamp from an older set-up) installs -e .[serve,train,pacs,dev]; a second does nothing;
         a changed pyproject.toml installs again, even with an older modification time."""
         root, pip_log = checkout
         (root / ".venv" / ".wff-installed").touch()  # the empty stamp of an older set-up
@@ -254,7 +258,7 @@ class TestSetupScript:
             subprocess.run(["bash", str(root / "scripts" / "setup.sh")], capture_output=True, text=True, check=True, timeout=COMMAND_TIMEOUT_S)
             return [line for line in pip_log.read_text().splitlines() if " -e " in line] if pip_log.exists() else []
 
-        assert installs() == [f"-m pip install --quiet -e {root}[serve,train,dev]"]
+        assert installs() == [f"-m pip install --quiet -e {root}[serve,train,pacs,dev]"]
         assert len(installs()) == 1
         pyproject = root / "pyproject.toml"
         before = pyproject.stat()
