@@ -85,7 +85,7 @@ def main() -> None:
                     help="vote thresholds for --prevalence, comma-separated (default %(default)s)")
     args = ap.parse_args()
     if not (args.artifacts / CV_COMPONENTS).is_file():
-        sys.exit(f"{args.artifacts / CV_COMPONENTS}: not found; runs trained before 2026-12-02 lack it (retrain with wff train)")
+        sys.exit(f"{args.artifacts / CV_COMPONENTS}: not found; a run without it cannot be cross-validated again (retrain with wff train)")
     try:
         vote_grid = tuple(float(v) for v in args.vote_grid.split(","))
     except ValueError:

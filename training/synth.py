@@ -57,11 +57,11 @@ series. The Bayes-optimal observer of these latent attribute values (an upper bo
 model reading the pixels; see :func:`observer_accuracy`) reaches about 0.88 balanced accuracy
 with all series, 0.88 with T2/STIR only (as in the paper, T1 adds little), 0.81 with T1 only
 and 0.81 from one slice; the paper's WFF reaches 0.80 without age. The attainable ceiling stays
-below 0.9, so no strategy can saturate. The slice noise was t = 4 (T1: 5) until 2026-12-05:
-the observer bound hardly moves (0.86 -> 0.88, it is linear in the attributes), but the
+below 0.9, so no strategy can saturate. The slice noise is set below t = 4 (T1: 5) on purpose:
+the observer bound hardly moves with it (0.86 -> 0.88, it is linear in the attributes), but the
 pixels of a slice map the attributes through saturating curves (tanh, sigmoid), and at t = 4
-the small CPU models trained on it stayed far below the paper's single models (served Det ACC
-0.63 against the paper's 0.72 on the paper-size set; BENCHMARKS.md). Age is drawn
+the small CPU models stayed far below the paper's single models (served Det ACC 0.63 against the
+paper's 0.72 on the paper-size set; docs/results.md). Age is drawn
 independently of z given the class, so it adds evidence as in the paper; only the age-related
 marrow and disc signal in the images carries a trace of it, as in real MRI.
 """

@@ -134,8 +134,7 @@ class ServingConfig:
     instances_detector: int = 2  # 2 cores: two detector instances beat one (wff bench, BENCHMARKS.md)
     instances_classifier: int = 1
     instances_python: int = 1  # preprocess, crop, fusion
-    # intra-op threads of each CPU runtime session (per instance); 2 beat 1 at every concurrency with the
-    # Gather-free detector graph (2026-12-02, BENCHMARKS.md)
+    # intra-op threads of each CPU runtime session (per instance); 2 beat 1 at every concurrency (BENCHMARKS.md)
     runtime_threads: int = 2
     runtime: str = "openvino"  # embedded detector/classifier: "openvino" (~1.3x faster here) | "onnxruntime"
     runtime_precision: str = "f32"  # "f32" | "bf16" (OpenVINO only: bfloat16 arithmetic where the CPU has it; BENCHMARKS.md)
