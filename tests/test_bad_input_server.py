@@ -19,7 +19,7 @@ from conftest import LIMITED_SERVING
 from tritonclient.utils import InferenceServerException
 
 from wff.client.grpc_client import AGE_INPUT, FILES_INPUT, DiagnosisClient, RejectedInput, build_inputs, read_patient_files
-from wff.client.soak import drop_pixels, other_patient, rewrite_dicom
+from wff.loadtest.soak import drop_pixels, other_patient, rewrite_dicom
 from wff.contracts import ENSEMBLE_NAME
 
 AXIAL = [1, 0, 0, 0, 1, 0]

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from conftest import TINY, write_dicom_patient
 
 from wff.cli import main
-from wff.client.bench import (
+from wff.client.metrics import parse_metrics, per_model
+from wff.loadtest.bench import (
     Budget,
     Dispatcher,
     Outcome,
@@ -29,7 +30,6 @@ from wff.client.bench import (
     settled_snapshot,
     TreeMemory,
 )
-from wff.client.metrics import parse_metrics, per_model
 from wff.serving.custom_metrics import OTHER_REASON, rejection_reason
 from wff.processes import child_pids
 
@@ -136,7 +136,7 @@ class TestBudget:
                 raise DiagnosisError("rejected")
             return types.SimpleNamespace(slice_d=np.zeros(4), series_m=np.zeros(2))  # what drive reads of a Diagnosis
 
-        from wff.client.bench import BenchPatient
+        from wff.loadtest.bench import BenchPatient
 
         patients = [BenchPatient(0, (("a", b""),), None), BenchPatient(1, (("bad", b""),), None)]
         outcomes, wall = asyncio.run(drive(diagnose, patients, 3, Budget(requests=7)))
@@ -393,7 +393,7 @@ class TestFlops:
         from torch.utils.flop_counter import FlopCounterMode
         from torchvision.ops import deform_conv2d
 
-        from wff.client.bench_baselines import _custom_flop_formulas
+        from wff.loadtest.bench_baselines import _custom_flop_formulas
 
         x, weight = torch.rand(1, 4, 8, 8), torch.rand(6, 4, 3, 3)
         offset = torch.zeros(1, 2 * 9, 8, 8)
@@ -404,7 +404,7 @@ class TestFlops:
 
     def test_patient_flops_scale_with_slices_and_series(self):
         """A patient costs its slices through the detector plus one clip per series."""
-        from wff.client.bench_baselines import model_flops, patient_flops
+        from wff.loadtest.bench_baselines import model_flops, patient_flops
 
         counts = model_flops(TINY)
         assert counts["detector_per_slice"] > 0 and counts["classifier_per_clip"] > 0

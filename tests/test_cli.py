@@ -311,8 +311,8 @@ class TestBenchFlopsText:
     def test_profiles_table_as_text(self):
         """wff bench --flops without --json prints one line per profile from profile_flops_table's fields, then the peak."""
         from conftest import TINY
-        from wff.client.bench_baselines import TYPICAL_PATIENT, profile_flops_table
-        from wff.client.bench_cli import format_profiles_flops
+        from wff.loadtest.bench_baselines import TYPICAL_PATIENT, profile_flops_table
+        from wff.loadtest.bench_cli import format_profiles_flops
 
         table = {"typical_patient": TYPICAL_PATIENT, "profiles": profile_flops_table({"tiny": TINY}), "gemm_peak": {"gflops": 123.4, "threads": 2}}
         lines = format_profiles_flops(table).splitlines()

@@ -2,15 +2,18 @@
 and the wheel builds and serves a repository from a fresh virtualenv.
 
 The thin-client tests run `wff` in a fresh interpreter whose import system refuses the server and
-training stacks (a sys.meta_path finder that raises ImportError and lists every attempt on stderr),
+training stacks (a sys.meta_path finder that raises ModuleNotFoundError and lists every attempt on stderr),
 against a real tritonserver. The wheel tests build the wheel from a copy of the sources (no
 downloads: --no-index, --no-build-isolation), install it with --no-deps into a virtualenv that sees
 the dependencies of this environment through a .pth line but not its editable install, and run
-`wff repo build` and `wff serve` from outside the checkout.
+`wff repo build` and `wff serve` from outside the checkout. With only [serve] (the training stack
+refused the same way), `wff bench` runs without --baseline and --flops. A static check reads every import
+statement under client/: wff.client imports neither the server nor the training code.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -28,6 +31,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from conftest import write_dicom_patient
+from wff.cli import EXTRAS
 from wff.processes import free_port
 from wff.serving.repository import MODEL_STEPS, PYTHON_STEPS
 
@@ -37,11 +41,16 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 HEAVY_MODULES = ("torch", "torchvision", "openvino", "onnxruntime", "onnx", "onnxscript", "pytriton", "tritonserver")
 WFF_SERVER_AND_TRAINING = ("wff.training", "wff.serving.server")
 HEAVY_DISTRIBUTIONS = {"torch", "torchvision", "openvino", "onnxruntime", "onnx", "onnxscript", "nvidia-pytriton"}
+# What [serve] alone lacks: the libraries of the [train] extra and the training code over them.
+TRAIN_ONLY = tuple(sorted(module for module, extra in EXTRAS.items() if extra == "train")) + ("wff.training",)
+# What no module of wff.client may import, at any depth: the heavy stacks and the layers over them (the
+# server, training, and the load tests, which start the server).
+CLIENT_FORBIDDEN = HEAVY_MODULES + ("wff.training", "wff.serving", "wff.loadtest")
 BLOCKED_MARK = "blocked imports:"
 COMMAND_TIMEOUT_S = 120
 
-# Prepended to the command run by run_blocked: a meta-path finder that refuses BLOCKED and, at exit,
-# names every module that was asked for.
+# Prepended to the command run by run_blocked: a meta-path finder that refuses BLOCKED as if it were not
+# installed (ModuleNotFoundError naming the module) and, at exit, names every module that was asked for.
 BLOCKER = """
 import atexit, sys
 BLOCKED = {blocked!r}
@@ -50,7 +59,7 @@ class Refuse:
     def find_spec(self, name, path=None, target=None):
         if any(name == b or name.startswith(b + ".") for b in BLOCKED):
             asked.append(name)
-            raise ImportError(f"{{name}} is not part of the thin client")
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
         return None
 sys.meta_path.insert(0, Refuse())
 atexit.register(lambda: asked and print({mark!r}, " ".join(sorted(set(asked))), file=sys.stderr))
@@ -58,9 +67,10 @@ atexit.register(lambda: asked and print({mark!r}, " ".join(sorted(set(asked))), 
 WFF_MAIN = "from wff.cli import main; main(prog_name='wff')"
 
 
-def run_blocked(statement: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``python -c statement args`` with the server and training stacks unimportable."""
-    code = BLOCKER.format(blocked=HEAVY_MODULES + WFF_SERVER_AND_TRAINING, mark=BLOCKED_MARK) + statement
+def run_blocked(statement: str, *args: str, cwd: Path | None = None,
+                blocked: tuple[str, ...] = HEAVY_MODULES + WFF_SERVER_AND_TRAINING) -> subprocess.CompletedProcess:
+    """``python -c statement args`` with ``blocked`` (by default the server and training stacks) unimportable."""
+    code = BLOCKER.format(blocked=blocked, mark=BLOCKED_MARK) + statement
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, timeout=COMMAND_TIMEOUT_S)
 
 
@@ -127,6 +137,105 @@ class TestThinClient:
         assert (tmp_path / "report" / "roc.png").stat().st_size > 0
         overlays = sorted(p.name for p in (tmp_path / "overlays").glob("*.png"))
         assert len(overlays) == 2 and len({name.split("_")[0] for name in overlays}) == 1, overlays
+
+
+def imported_modules(source: str, package: str) -> list[tuple[int, str]]:
+    """(line, module) of every import in ``source`` at any depth (module level, functions, try blocks):
+    ``import a.b``; ``from a import b`` as a and a.b; relative imports resolved in ``package``;
+    ``importlib.import_module`` and ``__import__`` of a literal name."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            base = ".".join(parts + ([node.module] if node.module else []))
+            found += [(node.lineno, base)] + [(node.lineno, f"{base}.{alias.name}") for alias in node.names if alias.name != "*"]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            func = node.func
+            if (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)) in ("import_module", "__import__"):
+                found.append((node.lineno, node.args[0].value))
+    return found
+
+
+def forbidden_in_client(source: str, package: str = "wff.client") -> list[tuple[int, str]]:
+    """The imports of ``source`` (a module of ``package``) that name CLIENT_FORBIDDEN or a module inside one."""
+    return [(line, name) for line, name in imported_modules(source, package)
+            if any(name == f or name.startswith(f + ".") for f in CLIENT_FORBIDDEN)]
+
+
+class TestClientLayer:
+    def test_client_imports_neither_server_nor_training(self):
+        """No module under client/ imports wff.training, wff.serving, wff.loadtest, torch, torchvision, OpenVINO,
+        ONNX, ONNX Runtime or pytriton, at any depth."""
+        folder = ROOT / PYPROJECT["tool"]["setuptools"]["package-dir"]["wff.client"]
+        modules = sorted(folder.rglob("*.py"))
+        assert len(modules) > 5
+        found = [f"{path.relative_to(ROOT)}:{line}: {name}" for path in modules
+                 for line, name in forbidden_in_client(path.read_text(), ".".join(("wff.client", *path.relative_to(folder).parent.parts)))]
+        assert not found, "wff.client must not import the server or training stacks:\n" + "\n".join(found)
+
+    @pytest.mark.parametrize("source, module", [
+        ("import torch\n", "torch"),
+        ("def f():\n    import torchvision.ops as ops\n", "torchvision.ops"),
+        ("class C:\n    def m(self):\n        if self:\n            from openvino import Core\n", "openvino"),
+        ("try:\n    from wff.serving.server import TritonServer\nexcept ImportError:\n    pass\n", "wff.serving.server"),
+        ("from wff import training\n", "wff.training"),
+        ("from .. import serving\n", "wff.serving"),
+        ("import importlib\nmodule = importlib.import_module('onnxruntime')\n", "onnxruntime"),
+        ("from pytriton.triton import Triton\n", "pytriton.triton"),
+        ("def bench():\n    from wff.loadtest.bench_cli import bench\n", "wff.loadtest.bench_cli"),
+    ])
+    def test_checker_finds_an_import_at_any_depth(self, source, module):
+        """The check sees module-level, nested, relative and importlib imports."""
+        assert module in [name for _, name in forbidden_in_client(source)]
+
+    def test_checker_allows_the_client_stack(self):
+        """Imports of the client's own modules, wff.ensemble, tritonclient and names that only start alike pass."""
+        source = ("from . import evaluate\nfrom wff.ensemble import steps\nimport tritonclient.grpc\n"
+                  "import onnx_tool\nfrom wff.config import SMALL\nfrom wff.serving_notes import x\n")
+        assert forbidden_in_client(source) == []
+
+
+@pytest.fixture
+def bench_dataset(tmp_path) -> Path:
+    """labels.csv and one two-series patient of 3 slices each."""
+    write_dicom_patient(tmp_path / "dataset" / "P1", {"SAG T1": 3, "SAG T2": 3})
+    (tmp_path / "dataset" / "labels.csv").write_text("patient_id,label,age,location,split\nP1,benign,60,lumbar,test\n")
+    return tmp_path / "dataset"
+
+
+class TestServeExtra:
+    """spine-wff[serve] without [train]: torch, torchvision, onnxscript and wff.training unimportable."""
+
+    def test_serve_without_pytriton_names_the_extra(self, tmp_path):
+        """Without the server wheel, wff serve says which extra installs it."""
+        result = run_blocked(WFF_MAIN, "serve", "--repository", str(tmp_path), blocked=("pytriton",))
+        assert result.returncode == 1, result.stderr
+        assert "wff: error: nvidia-pytriton is not installed" in result.stderr and "pip install 'spine-wff[serve]'" in result.stderr
+
+    @pytest.mark.server
+    def test_bench_runs_without_the_training_stack(self, tiny_artifacts, bench_dataset):
+        """wff bench on a server it starts, 2 requests at concurrency 1: one served row, nothing of [train] asked for."""
+        result = run_blocked(WFF_MAIN, "bench", "--artifacts", str(tiny_artifacts), "--dataset", str(bench_dataset),
+                             "--concurrency", "1", "--requests", "2", "--json", "-", blocked=TRAIN_ONLY)
+        assert result.returncode == 0 and BLOCKED_MARK not in result.stderr, result.stderr
+        (row,) = json.loads(result.stdout)["rows"]
+        assert (row["pipeline"], row["requests"], row["errors"]) == ("served", 2, 0)
+
+    @pytest.mark.parametrize("options", [["--baseline"], ["--flops"]])
+    def test_bench_baseline_and_flops_name_the_train_extra(self, tiny_artifacts, bench_dataset, options):
+        """--baseline or --flops without torch: the missing-extra error, before a server is started."""
+        result = run_blocked(WFF_MAIN, "bench", "--artifacts", str(tiny_artifacts), "--dataset", str(bench_dataset),
+                             "--requests", "1", *options, blocked=TRAIN_ONLY)
+        assert result.returncode == 1, result.stderr
+        assert "wff: error: wff bench needs torch, which is not installed; install it with pip install 'spine-wff[train]'" in result.stderr
+        assert "patients (" not in result.stderr  # stopped before reading patients and starting tritonserver
+
+    def test_flops_table_names_the_train_extra(self):
+        """wff bench --flops alone (the profiles' FLOP table) without torch names [train]."""
+        result = run_blocked(WFF_MAIN, "bench", "--flops", blocked=TRAIN_ONLY)
+        assert result.returncode == 1 and "pip install 'spine-wff[train]'" in result.stderr, result.stderr
 
 
 def copy_sources(dest: Path) -> Path:

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from wff.cli import main
 from wff.client.grpc_client import read_patient_files
-from wff.client.soak import MIB, SoakReport, bad_variants, find_server_pid, trend_growth
+from wff.loadtest.soak import MIB, SoakReport, bad_variants, find_server_pid, trend_growth
 from wff.processes import child_pids, process_name
 
 SHORT_SOAK_MINUTES = 0.3  # 18 s of requests

@@ -17,7 +17,8 @@ from pathlib import Path
 import click
 
 from wff.cli import WffError, json_option, write_json
-from wff.client.bench import (
+from wff.client.grpc_client import DEFAULT_TIMEOUT_S
+from wff.loadtest.bench import (
     Budget,
     ServedTarget,
     add_speedups,
@@ -28,7 +29,6 @@ from wff.client.bench import (
     load_patients,
     parse_concurrency,
 )
-from wff.client.grpc_client import DEFAULT_TIMEOUT_S
 from wff.serving.cli import trained_serving
 
 DEFAULT_DURATION_S = 20.0
@@ -48,7 +48,7 @@ def machine() -> dict:
 def add_flops(rows: list[dict], artifacts: Path, report: dict) -> None:
     """GFLOP per patient of the trained models on the measured patients, GFLOP/s of each row and
     its share of this machine's fp32 GEMM peak."""
-    from wff.client.bench_baselines import gemm_peak_gflops, model_flops
+    from wff.loadtest.bench_baselines import gemm_peak_gflops, model_flops
     from wff.training.checkpoint import load_classifier, load_detector
 
     detector, profile = load_detector(artifacts / "detector.pt")
@@ -78,9 +78,9 @@ def add_flops(rows: list[dict], artifacts: Path, report: dict) -> None:
 @click.option("--concurrency", default="1,2,4,8", show_default=True, help="Requests in flight, one level after another.")
 @click.option("--duration", type=float, default=None, help=f"Seconds per level [{DEFAULT_DURATION_S:g}].")
 @click.option("--requests", "n_requests", type=int, default=None, help="Requests per level (instead of --duration).")
-@click.option("--baseline", is_flag=True, help="Also run eager PyTorch and in-process ONNX Runtime, one patient at a time.")
+@click.option("--baseline", is_flag=True, help="Also run eager PyTorch and in-process ONNX Runtime, one patient at a time (needs spine-wff[train]).")
 @click.option("--flops", is_flag=True, help="Add GFLOP per patient and the share of this machine's fp32 GEMM peak; "
-              "alone, print the GFLOP per typical patient of every named profile and the peak.")
+              "alone, print the GFLOP per typical patient of every named profile and the peak (needs spine-wff[train]).")
 @click.option("--set", "overrides", multiple=True, metavar="serving.KEY=VALUE",
               help="Serve with a changed serving setting (with --artifacts; repeatable).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT_S, show_default=True,
@@ -113,6 +113,9 @@ def bench(artifacts, url, metrics_url, server_pid, dataset, split, n_patients, c
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--concurrency") from e
     budget = Budget(requests=n_requests) if n_requests is not None else Budget(duration_s=duration or DEFAULT_DURATION_S)
+    if baseline or flops:
+        # torch and the training code ([train]): without them the command fails here, before a server starts
+        import wff.loadtest.bench_baselines  # noqa: F401
     if url is not None:
         metrics_url = metrics_url or f"{url.rsplit(':', 1)[0]}:8002"
         for option, endpoint in (("--url", url), ("--metrics-url", metrics_url.removeprefix("http://").split("/")[0])):
@@ -136,7 +139,7 @@ def bench(artifacts, url, metrics_url, server_pid, dataset, split, n_patients, c
         else:
             rows = _bench_started_server(artifacts, serving, patients, levels, budget, timeout_s, on_row, report)
         if baseline:
-            from wff.client.bench_baselines import eager_pytorch_pipeline, onnxruntime_pipeline
+            from wff.loadtest.bench_baselines import eager_pytorch_pipeline, onnxruntime_pipeline
 
             for name, build in (("eager_pytorch", eager_pytorch_pipeline), ("onnxruntime_inprocess", onnxruntime_pipeline)):
                 click.echo(f"baseline {name}, one patient at a time ...", err=True)
@@ -178,7 +181,7 @@ def format_profiles_flops(table: dict) -> str:
 
 def _profiles_flops() -> dict:
     """GFLOP per typical patient of each named profile (random-init models), and this machine's GEMM peak."""
-    from wff.client.bench_baselines import TYPICAL_PATIENT, gemm_peak_gflops, profile_flops_table
+    from wff.loadtest.bench_baselines import TYPICAL_PATIENT, gemm_peak_gflops, profile_flops_table
     from wff.config import PROFILES
 
     table = profile_flops_table(PROFILES)

@@ -10,7 +10,8 @@
   clip through the classifier, times the patient's slices and series (a multiply-add = 2 FLOPs).
 * the machine's fp32 GEMM peak: the best of a few square torch.matmul sizes.
 
-Imports torch; wff.client.bench does not.
+Imports torch, torchvision and wff.training (the [train] extra); wff.loadtest.bench does not, and
+``wff bench`` imports this module only for --baseline and --flops.
 """
 
 from __future__ import annotations
@@ -19,8 +20,19 @@ import os
 import time
 from pathlib import Path
 
+import torch
+import torchvision  # noqa: F401 (registers torch.ops.torchvision)
+from torch.utils.flop_counter import FlopCounterMode
+
 from wff.config import Profile
+from wff.contracts import contracts_for
+from wff.ensemble.age_prior import AgePrior
+from wff.ensemble.fusion import load_fusion_settings
 from wff.ensemble.pipeline import Pipeline
+from wff.training.checkpoint import load_classifier, load_detector
+from wff.training.detector_graph import DetectorGraph
+from wff.training.models import build_classifier, build_detector
+from wff.training.train import TorchRunner
 
 CHECKPOINTS = ("detector.pt", "classifier.pt")
 GEMM_SIZES = (512, 1024, 2048)
@@ -35,15 +47,6 @@ def baseline_threads() -> int:
 
 def eager_pytorch_pipeline(artifacts: str | Path, threads: int | None = None) -> Pipeline:
     """The trained checkpoints in eager PyTorch on CPU, with ``threads`` intra-op threads (every core)."""
-    import torch
-
-    from wff.contracts import contracts_for
-    from wff.ensemble.age_prior import AgePrior
-    from wff.ensemble.fusion import load_fusion_settings
-    from wff.training.checkpoint import load_classifier, load_detector
-    from wff.training.detector_graph import DetectorGraph
-    from wff.training.train import TorchRunner
-
     artifacts = Path(artifacts)
     missing = [f for f in (*CHECKPOINTS, "fusion.json", "age_prior.json") if not (artifacts / f).is_file()]
     if missing:
@@ -68,12 +71,6 @@ def onnxruntime_pipeline(artifacts: str | Path, threads: int | None = None) -> P
 
 def model_flops(profile: Profile, detector=None, classifier=None) -> dict[str, int]:
     """FLOPs of one detector slice and one classifier clip; random-init models when none are given."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from wff.training.detector_graph import DetectorGraph
-    from wff.training.models import build_classifier, build_detector
-
     torch.manual_seed(0)
     detector = detector if detector is not None else build_detector(profile).eval()
     classifier = classifier if classifier is not None else build_classifier(profile).eval()
@@ -101,9 +98,6 @@ def _deform_conv_flops(input_shape, weight_shape, *args, out_shape=None, **kwarg
 
 def _custom_flop_formulas() -> dict:
     """FLOP formulas for ops torch's counter does not know: the paper detector's deformable convolutions."""
-    import torch
-    import torchvision  # noqa: F401 (registers torch.ops.torchvision)
-
     return {torch.ops.torchvision.deform_conv2d: _deform_conv_flops}
 
 
@@ -114,8 +108,6 @@ def patient_flops(counts: dict[str, int], slices: float, series: float) -> float
 
 def gemm_peak_gflops(threads: int | None = None, sizes=GEMM_SIZES, seconds: float = GEMM_SECONDS) -> dict:
     """Best fp32 torch.matmul rate (GFLOP/s, 2 n^3 per product) over square sizes, with ``threads`` threads."""
-    import torch
-
     if threads:
         torch.set_num_threads(threads)
     best = {"gflops": 0.0, "n": None, "threads": torch.get_num_threads()}

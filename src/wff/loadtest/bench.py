@@ -11,7 +11,7 @@ the budget (a request count or a duration) is spent. A row reports, over that le
 * the peak proportional resident memory (PSS) of the server and its backend stub processes,
   sampled from /proc while the level runs (PSS counts the shared-memory regions once).
 
-The baselines (wff.client.bench_baselines) run the same patients one at a time in this
+The baselines (wff.loadtest.bench_baselines) run the same patients one at a time in this
 process and give rows of the same shape. The server must be on this machine (loopback only):
 its memory is read from /proc and the load must not cross a network.
 """

@@ -62,8 +62,8 @@ def soak(url: str | None, repository: Path | None, artifacts: Path | None, datas
     """Send good and bad patients at full concurrency for --minutes; exit 1 unless every good one was diagnosed,
     every bad one rejected, the server survived and its memory did not grow beyond --max-growth-mib."""
     from wff.client.grpc_client import DiagnosisError
-    from wff.client.soak import MIB, find_server_pid
-    from wff.client.soak import soak as run_soak
+    from wff.loadtest.soak import MIB, find_server_pid
+    from wff.loadtest.soak import soak as run_soak
     from wff.serving.repository import build_repository
     from wff.serving.server import ServerError, TritonServer
 
