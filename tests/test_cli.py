@@ -116,7 +116,7 @@ class TestHelp:
 
     def test_top_level_and_dev(self):
         """The user's commands at the top level; the model-development tools only under wff dev."""
-        assert set(COMMANDS) == {"data", "train", "repo", "serve", "diagnose", "evaluate", "metrics", "bench", "soak", "trt", "demo", "dev"}
+        assert set(COMMANDS) == {"data", "train", "repo", "serve", "diagnose", "evaluate", "metrics", "bench", "soak", "trt", "demo", "dev", "pacs"}
         assert set(DEV_COMMANDS) == {"parity", "refit-fusion"}
         for old in [*DEV_COMMANDS, "export-folds"]:
             result = CliRunner().invoke(main, [old, "--help"])
