@@ -204,6 +204,7 @@ def evaluate(dataset: Path, split: str, client: dict, concurrency: int, json_out
     from wff.client import evaluate as ev
     from wff.client import report as rp
     from wff.client.grpc_client import DiagnosisError
+    from wff.ensemble.fusion import PAPER_ROW, PAPER_WEIGHTS, VOTE_THRESHOLD
     from wff.ensemble.metrics import format_table
     from wff.records import load_records
 
@@ -236,7 +237,8 @@ def evaluate(dataset: Path, split: str, client: dict, concurrency: int, json_out
         click.echo(f"{done} of {len(report.results)} patients diagnosed ({report.errors} errors), "
                    f"{report.seconds_per_patient:.2f} s per patient (wall time / patients, concurrency {concurrency})")
         click.echo(format_table(report.table) if report.table else "no diagnoses: no metrics")
-        click.echo(f"served strategy: {report.settings.served_strategy}")
+        click.echo(f"served strategy: {report.settings.served_strategy}, weights {report.settings.served_weights}; "
+                   f"{PAPER_ROW}: weights {PAPER_WEIGHTS['Det-Seq-Age']}, vote threshold {VOTE_THRESHOLD:g}")
         if report.table:
             click.echo("")
             click.echo(rp.format_per_location(data["per_location"]))

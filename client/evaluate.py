@@ -3,7 +3,8 @@
 Every patient is sent once, with up to ``concurrency`` requests in flight. The server returns
 the fusion components (D per slice, M per series, A), so every strategy's decision is
 recomputed here with ``wff.ensemble.fusion`` and the weights from the fusion model's config
-parameters: no second inference. Malignant is the positive class. Beyond Table 3 the
+parameters: no second inference. Table 3 also has the row "Det-Seq-Age (paper λ)": the same
+components fused at the paper's weights 0.45/0.45/0.1 (wff.ensemble.metrics.table3). Malignant is the positive class. Beyond Table 3 the
 evaluation gives the error per vertebral location (Fig. 6), the metrics per sequence subset
 (Fig. 7) and the ROC curves (wff.ensemble.report_metrics); wff.client.report writes them.
 
@@ -31,7 +32,7 @@ from wff.client.grpc_client import AsyncDiagnosisClient, DiagnosisError, read_pa
 from wff.config import LABELS
 from wff.ensemble.diagnosis import Diagnosis
 from wff.ensemble.fusion import Components, FusionSettings
-from wff.ensemble.metrics import strategy_table
+from wff.ensemble.metrics import table3
 from wff.ensemble.report_metrics import location_table, sequence_table
 from wff.ensemble.types import PatientRecord
 
@@ -88,7 +89,7 @@ class Evaluation:
     results: list[PatientResult]
     settings: FusionSettings
     wall_s: float
-    table: dict[str, dict[str, float]] = field(default_factory=dict)  # strategy -> acc, auc, se, sp
+    table: dict[str, dict[str, float]] = field(default_factory=dict)  # strategy (and paper-λ row) -> acc, auc, se, sp
 
     @property
     def errors(self) -> int:
@@ -191,11 +192,11 @@ async def diagnose_records(
 
 
 def score(results: Sequence[PatientResult], settings: FusionSettings) -> dict[str, dict[str, float]]:
-    """Table 3 over the patients that got a diagnosis."""
+    """Table 3 over the patients that got a diagnosis, the paper-λ row included."""
     done = [r for r in results if r.diagnosis is not None]
     if not done:
         return {}
-    return strategy_table([r.diagnosis.components() for r in done], [r.label for r in done], settings)
+    return table3([r.diagnosis.components() for r in done], [r.label for r in done], settings)
 
 
 async def evaluate_async(

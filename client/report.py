@@ -39,7 +39,7 @@ def _write_json(path: Path, data) -> Path:
 
 
 def _write_csv(path: Path, fields: Sequence[str], rows: Sequence[Mapping]) -> Path:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:  # "Det-Seq-Age (paper λ)" is not ASCII
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
         writer.writerows({k: "" if row.get(k) is None else row[k] for k in fields} for row in rows)
@@ -213,7 +213,8 @@ def patient_table(evaluation: Evaluation) -> tuple[list[str], list[dict]]:
 def write_report(evaluation: Evaluation, out_dir: str | Path) -> dict[str, Path]:
     """Every report file under ``out_dir`` (created); returns {file name: path}.
 
-    evaluation.json (what ``--json`` writes), table3.json/csv, per_location.json/csv/png (Fig. 6),
+    evaluation.json (what ``--json`` writes), table3.json/csv (the six strategies and Det-Seq-Age at
+    the paper's weights, wff.ensemble.metrics.table3), per_location.json/csv/png (Fig. 6),
     sequences.json/csv/png (Fig. 7), roc.csv/png and patients.csv.
     """
     out = Path(out_dir)

@@ -6,7 +6,18 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from wff.ensemble.fusion import STRATEGIES, VOTE_THRESHOLD, Components, Decision, FusionSettings, image_p, vote_labels
+from wff.ensemble.fusion import (
+    PAPER_ROW,
+    PAPER_WEIGHTS,
+    STRATEGIES,
+    VOTE_THRESHOLD,
+    Components,
+    Decision,
+    FusionSettings,
+    fuse,
+    image_p,
+    vote_labels,
+)
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -79,9 +90,25 @@ def strategy_table(
     }
 
 
+def paper_decision(components: Components, settings: FusionSettings) -> Decision:
+    """Det-Seq-Age as the paper fuses it: Eq. 1 at the paper's weights (PAPER_WEIGHTS) and the
+    paper's vote at 0.5, with the served settings' detection threshold and the same voting rules."""
+    return fuse(components, PAPER_WEIGHTS["Det-Seq-Age"], settings.det_threshold, VOTE_THRESHOLD)
+
+
+def table3(components: Sequence[Components], labels: Sequence[int], settings: FusionSettings) -> dict[str, dict[str, float]]:
+    """Table 3 as reported: :func:`strategy_table` (the settings' weights, cross-validated when
+    trained), then PAPER_ROW, Det-Seq-Age at the paper's weights (:func:`paper_decision`), from the
+    same components."""
+    table = strategy_table(components, labels, settings)
+    table[PAPER_ROW] = decision_metrics(labels, [paper_decision(c, settings) for c in components])
+    return table
+
+
 def format_table(table: Mapping[str, Mapping[str, float]]) -> str:
     """Table 3 as fixed-width text."""
-    lines = [f"{'Fusion method':<14}{'ACC':>7}{'AUC':>7}{'SE':>7}{'SP':>7}"]
+    width = max([14, *(len(name) + 1 for name in table)])
+    lines = [f"{'Fusion method':<{width}}{'ACC':>7}{'AUC':>7}{'SE':>7}{'SP':>7}"]
     for name, m in table.items():
-        lines.append(f"{name:<14}" + "".join(f"{m[k]:>7.3f}" for k in ("acc", "auc", "se", "sp")))
+        lines.append(f"{name:<{width}}" + "".join(f"{m[k]:>7.3f}" for k in ("acc", "auc", "se", "sp")))
     return "\n".join(lines)

@@ -35,7 +35,7 @@ from wff.client.grpc_client import (
 )
 from wff.config import ServingConfig
 from wff.ensemble.diagnosis import Diagnosis
-from wff.ensemble.fusion import STRATEGIES, FusionSettings
+from wff.ensemble.fusion import PAPER_ROW, STRATEGIES, FusionSettings
 from wff.processes import free_port
 
 
@@ -314,7 +314,7 @@ class TestEvaluation:
         report = Evaluation(results, FusionSettings(), wall_s=1.0, table=score(results, FusionSettings()))
         data = report.to_dict()
         assert (data["patients"], data["errors"], data["seconds_per_patient"]) == (5, 1, 0.2)
-        assert set(data["strategies"]) == set(STRATEGIES)
+        assert list(data["strategies"]) == [*STRATEGIES, PAPER_ROW]  # Table 3 and Det-Seq-Age at the paper's weights
         assert data["strategies"]["Det-Seq"] == {"acc": 1.0, "auc": 1.0, "se": 1.0, "sp": 1.0}
         report.write_csv(tmp_path / "out.csv")
         rows = list(csv.DictReader(open(tmp_path / "out.csv")))
@@ -355,7 +355,7 @@ class TestEvaluation:
         det = comparison["strategies"]["Det"]
         assert det["decisions_changed"] == 1 and det["max_abs_dp"] == pytest.approx(0.5)  # P1: D 0.2 -> 0.7 flips
         assert comparison["strategies"]["Seq"] == {"patients": 3, "decisions_changed": 0, "max_abs_dp": 0.0}  # M unchanged
-        assert set(comparison["table_other"]) == set(STRATEGIES)
+        assert list(comparison["table_other"]) == [*STRATEGIES, PAPER_ROW]
 
     def test_locations_and_sequences_reach_the_dict(self, tmp_path):
         """labels.csv's location travels with each result: Fig. 6 and Fig. 7 are in the JSON dict."""

@@ -17,7 +17,7 @@ from wff.client.grpc_client import DiagnosisClient, read_patient_files
 from wff.client.report import format_per_location, format_sequences, write_ablation, write_report
 from wff.config import LOCATIONS
 from wff.ensemble.diagnosis import Diagnosis
-from wff.ensemble.fusion import STRATEGIES, Components, FusionSettings, fuse
+from wff.ensemble.fusion import PAPER_ROW, PAPER_WEIGHTS, STRATEGIES, Components, FusionSettings, fuse
 from wff.ensemble.metrics import auc
 from wff.ensemble.report_metrics import SEQUENCE_SUBSETS, location_errors, restrict_components, roc_curve, sequence_table
 
@@ -126,10 +126,10 @@ class TestSequenceTable:
         assert table["All"]["strategies"]["Det"]["acc"] == 1.0 and table["All"]["strategies"]["Det"]["auc"] == 1.0
 
     def test_all_equals_table3(self):
-        """The "All" subset is Table 3 itself."""
+        """The "All" subset is Table 3 itself (its six strategies; the paper-λ row is Table 3's only)."""
         results = three_patients()
         table = sequence_table([r.diagnosis.components() for r in results], [r.series_sequences for r in results], [1, 0, 1], FusionSettings())
-        assert table["All"]["strategies"] == score(results, FusionSettings())
+        assert table["All"]["strategies"] == {k: v for k, v in score(results, FusionSettings()).items() if k != PAPER_ROW}
 
     def test_nobody_left(self):
         """A subset no patient has: every patient left out and no metrics."""
@@ -219,16 +219,31 @@ class TestWriteReport:
         data = ev.to_dict()
         assert json.loads((out / "evaluation.json").read_text()) == json.loads(json.dumps(data))
         table3 = json.loads((out / "table3.json").read_text())
-        assert list(table3["strategies"]) == list(STRATEGIES) and table3["errors"] == 1
+        assert list(table3["strategies"]) == [*STRATEGIES, PAPER_ROW] and table3["errors"] == 1
         assert table3["strategies"]["Det-Seq-Age"]["acc"] == data["strategies"]["Det-Seq-Age"]["acc"]
         assert json.loads((out / "per_location.json").read_text()) == data["per_location"]
         assert json.loads((out / "sequences.json").read_text()) == json.loads(json.dumps(data["sequences"]))
         rows = list(csv.DictReader(open(out / "table3.csv")))
-        assert [r["strategy"] for r in rows] == list(STRATEGIES) and float(rows[0]["acc"]) == data["strategies"]["Det"]["acc"]
+        assert [r["strategy"] for r in rows] == [*STRATEGIES, PAPER_ROW] and float(rows[0]["acc"]) == data["strategies"]["Det"]["acc"]
+        assert float(rows[-1]["acc"]) == data["strategies"][PAPER_ROW]["acc"] == table3["strategies"][PAPER_ROW]["acc"]
         assert len(list(csv.DictReader(open(out / "per_location.csv")))) == 6 * 4
         seq_rows = list(csv.DictReader(open(out / "sequences.csv")))
         assert len(seq_rows) == 3 * 6 and {r["subset"] for r in seq_rows} == {"T1", "T2", "All"}
         assert {r["left_out"] for r in seq_rows if r["subset"] == "T1"} == {"8"}  # the T2-only patients
+
+    def test_paper_weights_row(self, tmp_path):
+        """With cross-validated Det-Seq-Age weights 0.1/0.1/0.8 both patients are wrong (P = 0.31 for the
+        malignant one, 0.77 for the benign one); at the paper's 0.45/0.45/0.1 both are right (P = 0.695,
+        0.315): table3.json, table3.csv and evaluation.json carry both rows."""
+        settings = FusionSettings(strategies={**PAPER_WEIGHTS, "Det-Seq-Age": (0.1, 0.1, 0.8)})
+        results = [fake_result("A", 1, "lumbar", [("T2", [0.8], 0.7)], age_a=0.2), fake_result("B", 0, "lumbar", [("T2", [0.3], 0.2)], age_a=0.9)]
+        write_report(evaluation(results, settings), tmp_path)
+        table3 = json.loads((tmp_path / "table3.json").read_text())["strategies"]
+        assert (table3["Det-Seq-Age"]["acc"], table3[PAPER_ROW]["acc"]) == (0.0, 1.0)
+        assert (table3[PAPER_ROW]["tp"], table3[PAPER_ROW]["tn"]) == (1, 1)
+        rows = {r["strategy"]: r for r in csv.DictReader(open(tmp_path / "table3.csv", encoding="utf-8"))}
+        assert (float(rows["Det-Seq-Age"]["acc"]), float(rows[PAPER_ROW]["acc"])) == (0.0, 1.0)
+        assert json.loads((tmp_path / "evaluation.json").read_text())["strategies"][PAPER_ROW]["acc"] == 1.0
 
     def test_patients_csv(self, report):
         """One row per patient: location, sequences, per-strategy label and score; the failed one has its error."""

@@ -183,8 +183,8 @@ class TestClientCommands:
         assert result.exit_code == 1 and "1 of 4 patients failed" in result.output, result.output
         data = json.loads((tmp_path / "m.json").read_text())
         assert (data["patients"], data["errors"]) == (4, 1) and data["seconds_per_patient"] > 0
-        assert list(data["strategies"]) == ["Det", "Det-Age", "Seq", "Seq-Age", "Det-Seq", "Det-Seq-Age"]
-        assert "Det-Seq-Age" in result.output and "P3:" in result.output
+        assert list(data["strategies"]) == ["Det", "Det-Age", "Seq", "Seq-Age", "Det-Seq", "Det-Seq-Age", "Det-Seq-Age (paper λ)"]
+        assert "Det-Seq-Age" in result.output and "Det-Seq-Age (paper λ)" in result.output and "P3:" in result.output
         assert len((tmp_path / "p.csv").read_text().splitlines()) == 5
 
 
