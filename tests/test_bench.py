@@ -22,12 +22,14 @@ from wff.loadtest.bench import (
     add_speedups,
     check_loopback,
     drive,
+    format_table4,
     load_patients,
     model_deltas,
     parse_concurrency,
     percentile_ms,
     result_row,
     settled_snapshot,
+    table4,
     TreeMemory,
 )
 from wff.serving.custom_metrics import OTHER_REASON, rejection_reason
@@ -86,7 +88,45 @@ class TestResultRow:
         row = result_row("served", 2, outcomes, wall_s=4.0)
         assert row["patients_per_s"] == 0.5 and row["slices_per_s"] == 10.0 and row["series_per_s"] == 1.25
         assert row["errors"] == 1 and row["requests"] == 3 and row["error_examples"] == ["bad"]
-        assert row["p50_ms"] == pytest.approx(1000.0)
+        assert row["p50_ms"] == pytest.approx(1000.0) and row["mean_ms"] == pytest.approx(1000.0)
+
+
+class TestTable4:
+    """Table 4's view from fake measurements: latencies of the concurrency-1 level, throughput of the highest."""
+
+    @staticmethod
+    def rows():
+        one = result_row("served", 1, [Outcome(s, 10, 2) for s in (0.2, 0.4, 0.3, 1.1)] + [Outcome(5.0, error="bad")], wall_s=2.0)
+        four = result_row("served", 4, [Outcome(0.9, 10, 2)] * 12, wall_s=3.0)
+        baseline = result_row("eager_pytorch", 1, [Outcome(0.05, 10, 2)] * 4, wall_s=0.2)
+        return [one, four, baseline]
+
+    def test_per_patient_and_throughput(self):
+        """Concurrency 1 gives p50 0.35 s, p95 0.995 s (linear between 0.4 and 1.1), mean 0.5 s over its 4
+        diagnoses (the error left out); throughput is the concurrency-4 row's 4 patients/s; baselines are ignored."""
+        t4 = table4(self.rows())
+        one = t4["per_patient"]
+        assert (one["concurrency"], one["diagnosed"]) == (1, 4)
+        assert (one["p50_s"], one["p95_s"], one["mean_s"]) == pytest.approx((0.35, 0.995, 0.5))
+        assert t4["throughput"] == pytest.approx({"concurrency": 4, "patients_per_s": 4.0, "seconds_per_patient": 0.25})
+        assert t4["paper_avg_time_s"] == {"Det-Seq": 0.850, "Det-Seq-Age": 0.742}
+
+    def test_text(self):
+        """The text names Table 4, the three per-patient times, the throughput and the paper's times."""
+        text = format_table4(table4(self.rows()))
+        assert text.startswith("Table 4")
+        assert "p50 0.350, p95 0.995, mean 0.500" in text and "concurrency 1, 4 diagnosed" in text
+        assert "throughput at concurrency 4: 4.00 patients/s (0.250 s per patient)" in text
+        assert "Det-Seq 0.850, Det-Seq-Age 0.742" in text
+
+    def test_without_concurrency_one(self):
+        """Without a concurrency-1 level the per-patient time is None and the text says what to add; no
+        served row at all gives None."""
+        rows = self.rows()[1:]
+        t4 = table4(rows)
+        assert t4["per_patient"] is None and t4["throughput"]["concurrency"] == 4
+        assert "include 1 in --concurrency" in format_table4(t4)
+        assert table4(rows[1:]) is None and format_table4(None) == "Table 4: no served rows"
 
     def test_unknown_pipeline_rejected(self):
         """Rows name one of the three pipelines."""
@@ -289,6 +329,15 @@ class TestBenchServed:
         """The table and the per-model breakdown are printed."""
         _, output = result
         assert "patients_per_s" not in output and "pat/s" in output and "per model over the level" in output
+
+    def test_table4(self, result):
+        """Table 4 in the JSON and the text: concurrency 1's latencies of its 4 diagnoses, concurrency 3's throughput."""
+        report, output = result
+        t4, (one, three) = report["table4"], report["rows"][:2]
+        assert t4["per_patient"]["diagnosed"] == 4
+        assert t4["per_patient"]["p50_s"] == pytest.approx(one["p50_ms"] / 1000) and 0 < t4["per_patient"]["mean_s"] <= one["p99_ms"] / 1000
+        assert t4["throughput"]["concurrency"] == 3 and t4["throughput"]["patients_per_s"] == three["patients_per_s"]
+        assert "Table 4, time per patient" in output and f"p95 {t4['per_patient']['p95_s']:.3f}" in output
 
 
 class TestBenchCli:

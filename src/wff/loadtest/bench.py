@@ -5,7 +5,7 @@ patient, wait for its diagnosis and send the next, cycling over the loaded patie
 the budget (a request count or a duration) is spent. A row reports, over that level only:
 
 * patients/s and slices/s (successful diagnoses / wall time; slices = sagittal slices the
-  ensemble diagnosed), p50/p95/p99 latency of the successful requests, and the error count;
+  ensemble diagnosed), p50/p95/p99 and mean latency of the successful requests, and the error count;
 * Triton's per-model counters as deltas between two reads of the metrics endpoint (requests,
   failures, executions, queue and compute input/infer/output time);
 * the peak proportional resident memory (PSS) of the server and its backend stub processes,
@@ -14,6 +14,10 @@ the budget (a request count or a duration) is spent. A row reports, over that le
 The baselines (wff.loadtest.bench_baselines) run the same patients one at a time in this
 process and give rows of the same shape. The server must be on this machine (loopback only):
 its memory is read from /proc and the load must not cross a network.
+
+:func:`table4` lays the served rows out as the paper's Table 4 reports the model: time per
+patient one at a time (concurrency 1: p50, p95, mean), beside the throughput at the highest level
+and the paper's own per-patient times.
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ METRICS_POLL_S = 0.5  # between reads while waiting for Triton's counters to set
 METRICS_SETTLE_S = 15.0  # longest wait for them (Triton refreshes some metrics every 2 s)
 MEMORY_SAMPLE_S = 0.25
 MIB = 1024 * 1024
+# The paper's Table 4, "Avg. time(s)": the time WFF took to diagnose one patient, "between the model
+# seeing the images and making the diagnosis result" (Results, "Comparison between WFF and doctors").
+# The paper names its hardware only for training (Metrics: Intel E5-2640 CPU, NVIDIA GTX1080Ti GPU).
+PAPER_TABLE4_S = {"Det-Seq": 0.850, "Det-Seq-Age": 0.742}
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,7 @@ def result_row(pipeline: str, concurrency: int, outcomes: Sequence[Outcome], wal
         "p50_ms": percentile_ms(latencies, 50),
         "p95_ms": percentile_ms(latencies, 95),
         "p99_ms": percentile_ms(latencies, 99),
+        "mean_ms": float(np.mean(latencies) * 1000.0) if latencies else None,
         "errors": len(outcomes) - len(ok),
         "wall_s": wall_s,
         "error_examples": sorted({o.error for o in outcomes if o.error})[:3],
@@ -378,8 +387,53 @@ def add_speedups(rows: list[dict]) -> None:
             r["served_speedup"] = best / r["patients_per_s"] if best and r["patients_per_s"] > 0 else None
 
 
+def table4(rows: Sequence[dict]) -> dict | None:
+    """Table 4's view of the served rows; None without any.
+
+    "per_patient": the latency of one patient at a time (the served row at concurrency 1) as
+    p50_s, p95_s, mean_s over its ``diagnosed`` requests, or None when 1 was not among the levels;
+    "throughput": patients_per_s at the highest level measured and its inverse, seconds per
+    patient; "paper_avg_time_s": the paper's Table 4 (PAPER_TABLE4_S).
+    """
+    served = [r for r in rows if r["pipeline"] == "served"]
+    if not served:
+        return None
+    one = next((r for r in served if r["concurrency"] == 1), None)
+    top = max(served, key=lambda r: r["concurrency"])
+    seconds = lambda ms: None if ms is None else ms / 1000.0  # noqa: E731
+    per_patient = None if one is None else {
+        "concurrency": 1, "diagnosed": one["requests"] - one["errors"],
+        "p50_s": seconds(one["p50_ms"]), "p95_s": seconds(one["p95_ms"]), "mean_s": seconds(one.get("mean_ms")),
+    }
+    rate = top["patients_per_s"]
+    return {
+        "per_patient": per_patient,
+        "throughput": {"concurrency": top["concurrency"], "patients_per_s": rate, "seconds_per_patient": 1.0 / rate if rate > 0 else None},
+        "paper_avg_time_s": dict(PAPER_TABLE4_S),
+    }
+
+
 def _num(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
+
+
+def format_table4(t4: Mapping | None) -> str:
+    """:func:`table4` as text."""
+    if t4 is None:
+        return "Table 4: no served rows"
+    lines = ["Table 4, time per patient of the served ensemble (s):"]
+    one = t4["per_patient"]
+    if one is None:
+        lines.append("  one patient at a time: not measured; include 1 in --concurrency")
+    else:
+        lines.append(f"  one patient at a time (concurrency 1, {one['diagnosed']} diagnosed): p50 {_num(one['p50_s'], '.3f')}, "
+                     f"p95 {_num(one['p95_s'], '.3f')}, mean {_num(one['mean_s'], '.3f')}")
+    tp = t4["throughput"]
+    lines.append(f"  throughput at concurrency {tp['concurrency']}: {tp['patients_per_s']:.2f} patients/s "
+                 f"({_num(tp['seconds_per_patient'], '.3f')} s per patient)")
+    paper = ", ".join(f"{name} {s:.3f}" for name, s in t4["paper_avg_time_s"].items())
+    lines.append(f"  paper, Table 4 Avg. time: {paper} (one patient, its own hardware)")
+    return "\n".join(lines)
 
 
 def format_rows(rows: Sequence[dict]) -> str:

@@ -26,8 +26,10 @@ from wff.loadtest.bench import (
     bench_served,
     check_loopback,
     format_rows,
+    format_table4,
     load_patients,
     parse_concurrency,
+    table4,
 )
 from wff.serving.cli import trained_serving
 
@@ -85,12 +87,13 @@ def add_flops(rows: list[dict], artifacts: Path, report: dict) -> None:
               help="Serve with a changed serving setting (with --artifacts; repeatable).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT_S, show_default=True,
               help="Seconds to wait for each answer.")
-@json_option('the measurements ({"rows": [...], "machine": ..., "settings": ...})')
+@json_option('the measurements ({"rows": [...], "table4": ..., "machine": ..., "settings": ...})')
 def bench(artifacts, url, metrics_url, server_pid, dataset, split, n_patients, concurrency, duration, n_requests,
           baseline, flops, overrides, timeout_s, json_out) -> None:
     """Patients/s, slices/s, latency percentiles, errors, Triton's per-model queue and compute
-    time and the server's memory at each concurrency level; with --baseline, the same models
-    without Triton."""
+    time and the server's memory at each concurrency level, then Table 4: time per patient at
+    concurrency 1 (p50, p95, mean) beside the throughput at the highest level and the paper's
+    times; with --baseline, the same models without Triton."""
     if flops and artifacts is None and url is None and dataset is None:
         table = _profiles_flops()
         if json_out:
@@ -154,11 +157,13 @@ def bench(artifacts, url, metrics_url, server_pid, dataset, split, n_patients, c
         if isinstance(e, (DiagnosisError, ServerError, FileNotFoundError, ValueError, OSError)):
             raise WffError(str(e)) from e
         raise
+    report["table4"] = table4(rows)
     if json_out:
         write_json({"rows": rows, **report}, json_out)
     if json_out == "-":
         return
     click.echo(format_rows(rows))
+    click.echo("\n" + format_table4(report["table4"]))
     if flops:
         f = report["flops"]
         click.echo(f"\nGFLOP: detector {f['detector_gflop_per_slice']:.2f}/slice, classifier {f['classifier_gflop_per_clip']:.2f}/clip; "
