@@ -43,6 +43,7 @@ from wff.ensemble.types import AnnotatedPatient
 from wff.training.augment import self_cutmix
 from wff.training.checkpoint import load_classifier, load_detector, save_checkpoint
 from wff.training.models import ResNeXt3d, build_classifier, build_detector
+from wff.training.pretrained import init_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ def fit_detector(
     progress: Progress | None = None,
     seed: int = 0,
 ) -> FasterRCNN:
-    """Train :func:`build_detector` from scratch; returns it in eval mode on ``device``.
+    """Train :func:`build_detector` (from scratch, or from ``detector.weights``); returns it in eval mode on ``device``.
 
     Images are the patients' prepared slices (1, S, S) float32 in [0, 1]; boxes are their
     labelled rectangles in detector pixels, labelled 1 benign / 2 malignant by the patient's
@@ -218,7 +219,9 @@ def fit_detector(
     with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        model = build_detector(profile).to(device)
+        model = build_detector(profile)
+        init_pretrained(model, "detector", profile)  # detector.weights, when set
+        model = model.to(device)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=d.lr, momentum=MOMENTUM, weight_decay=d.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total))
@@ -335,7 +338,7 @@ def fit_classifier(
     progress: Progress | None = None,
     seed: int = 0,
 ) -> ResNeXt3d:
-    """Train :func:`build_classifier` from scratch on labelled-region clips; eval mode on ``device``.
+    """Train :func:`build_classifier` (from scratch, or from ``classifier.weights``) on labelled-region clips; eval mode on ``device``.
 
     Clips are (B, 1, N, C, C) float32 batches; targets are the patients' labels (0 benign,
     1 malignant), cross-entropy on :meth:`ResNeXt3d.logits`. Every epoch draws
@@ -355,7 +358,9 @@ def fit_classifier(
 
     with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(seed)
-        model = build_classifier(profile).to(device)
+        model = build_classifier(profile)
+        init_pretrained(model, "classifier", profile)  # classifier.weights, when set
+        model = model.to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total))
 

@@ -55,6 +55,7 @@ from wff.ensemble.pipeline import ARTIFACT_MODELS, Pipeline, fold_models_dir
 from wff.ensemble.steps import preprocess_outputs
 from wff.ensemble.types import AnnotatedPatient
 from wff.training.cv import check_search, choose_fusion, stratified_folds
+from wff.training.pretrained import check_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,7 @@ def run_training(
     ages = np.array([p.record.age for p in patients], np.float64)
     prior = AgePrior.fit(ages, labels, profile.age)
     report: dict = {"profile": profile.name, "patients": len(patients), "malignant": int(labels.sum()), "timings": {}}
+    report["pretrained"] = check_pretrained(profile, progress)  # refuses a wrong weights file before any fit
     final_models = None
     if final_from is not None:  # checked before the folds are trained
         digest = training_set_digest(patients)

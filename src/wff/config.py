@@ -58,6 +58,8 @@ class DetectorConfig:
     cutmix_scale: tuple[float, float] = (0.5, 1.0)  # width/height scale of the pasted tumour
     negatives_per_positive: float = 0.25  # slices without tumour mixed into detector training
     balanced_classes: bool = True  # draw tumour slices so benign and malignant come equally often
+    # local torchvision resnext101_32x8d state dict for the resnext101_dcn backbone (docs/training.md); None: from scratch
+    weights: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ class ClassifierConfig:
     weight_decay: float = 1e-4
     clips_per_series: int = 2  # training clips drawn per series and epoch
     random_slice_prob: float = 0.5  # 50 % of clips centred on a random tumour slice, else by DICOM index
+    # local 3D ResNeXt state dict of the classifier's architecture (docs/training.md); None: from scratch
+    weights: str | None = None
 
 
 @dataclass(frozen=True)
