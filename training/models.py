@@ -1,4 +1,5 @@
-"""The two networks of the WFF, built from a profile; everything trains from scratch.
+"""The two networks of the WFF, built from a profile with random weights (training/pretrained.py
+loads ``detector.weights`` / ``classifier.weights`` into them when set).
 
 * Detector (paper, "Detection model"): a tri-class Faster R-CNN (torchvision) over a
   feature pyramid. Class ids follow ``config.DETECTOR_CLASSES``: 0 background, 1 benign,
