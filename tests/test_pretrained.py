@@ -105,9 +105,15 @@ def test_wrong_detector_files_are_refused(tmp_path, paper_detector):
         init_pretrained(paper_detector, "detector", _with(PAPER, "detector", tmp_path / "absent.pth"))
 
 
-def test_small_detector_backbone_refuses_resnext_weights(resnext_file):
+def test_small_detector_backbone_refuses_resnext_weights(resnext_file, tiny_profile):
+    from test_models import fake_patients
+
+    from wff.training.engine import fit_detector
+
     with pytest.raises(ValueError, match="fit only detector.backbone=resnext101_dcn"):
         init_pretrained(build_detector(SMALL), "detector", _with(SMALL, "detector", resnext_file[0]))
+    with pytest.raises(ValueError, match="fit only detector.backbone=resnext101_dcn"):  # fit_detector loads after building
+        fit_detector(fake_patients(2), _with(tiny_profile, "detector", resnext_file[0]), epochs=1)
 
 
 def test_small_classifier_from_its_own_layout_through_the_trainer_check(tmp_path):
