@@ -186,3 +186,12 @@ def test_fit_classifier_starts_from_the_file(tmp_path, tiny_profile):
     state = model.state_dict()
     convs = [k for k in source if k.endswith("weight") and source[k].dim() == 5]
     assert convs and all(torch.equal(state[k], source[k]) for k in convs)
+
+
+def test_run_training_refuses_a_wrong_file_before_reading_the_dataset(tmp_path):
+    from wff.training.train import run_training
+
+    text = tmp_path / "classifier.txt"
+    text.write_text("not weights\n")
+    with pytest.raises(ValueError, match=r"classifier\.weights=.*classifier\.txt: not a PyTorch state dict file"):
+        run_training(tmp_path / "no-dataset", tmp_path / "out", _with(SMALL, "classifier", text))

@@ -286,13 +286,14 @@ def run_training(
     torch.set_num_threads(profile.train.num_threads)
     torch.manual_seed(profile.train.seed)
     t_start = time.perf_counter()
+    pretrained = check_pretrained(profile, progress)  # a wrong weights file is refused before the dataset is read
 
     patients = load_split(dataset, "train", profile, progress)
     labels = np.array([p.record.label for p in patients])
     ages = np.array([p.record.age for p in patients], np.float64)
     prior = AgePrior.fit(ages, labels, profile.age)
     report: dict = {"profile": profile.name, "patients": len(patients), "malignant": int(labels.sum()), "timings": {}}
-    report["pretrained"] = check_pretrained(profile, progress)  # refuses a wrong weights file before any fit
+    report["pretrained"] = pretrained
     final_models = None
     if final_from is not None:  # checked before the folds are trained
         digest = training_set_digest(patients)
