@@ -251,6 +251,26 @@ class TestDemo:
         assert size.default == "demo" and SIZES["demo"] == (120, 60) and SIZES["paper"] == (445, 140)
         assert "paper" in size.type.choices
 
+    @pytest.mark.parametrize("overrides, folds", [((), 2), (("--set", "train.cv_folds=3"), 3)])
+    def test_demo_set_trains_with_two_folds_unless_set(self, tmp_path, monkeypatch, overrides, folds):
+        """--size demo trains with 2-fold cross-validation of the fusion weights (the first command's time);
+        the user's --set comes after it and wins."""
+        import wff.training.train as train_mod
+
+        dataset = tmp_path / "data"
+        dataset.mkdir()
+        (dataset / "labels.csv").write_text("patient_id,label,age,location,split\n")
+        seen = {}
+
+        def fake_run_training(data_dir, artifacts, profile, **kwargs):
+            seen["profile"] = profile
+            raise ValueError("stop after the profile is made")
+
+        monkeypatch.setattr(train_mod, "run_training", fake_run_training)
+        result = CliRunner().invoke(main, ["demo", "--dataset", str(dataset), "--out", str(tmp_path / "run"), *overrides])
+        assert result.exit_code == 1 and "stop after the profile is made" in result.output
+        assert seen["profile"].train.cv_folds == folds
+
     def test_next_steps_name_this_run(self, tmp_path):
         """The closing message names the report, figures and overlays of this run, and three commands
         that wff accepts as they are printed (options and paths parse)."""
