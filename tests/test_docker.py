@@ -195,7 +195,10 @@ class TestEntrypoint:
         assert "KIND_CPU" in (state / "repository" / "detector" / "config.pbtxt").read_text()
         args = record.read_text().split()
         assert f"--model-repository={state / 'repository'}" in args
-        assert f"--backend-directory={env['WFF_TRITON_BACKENDS']}" in args  # glibc: the image's backends as they are
+        # glibc: a mirror of the image's backends whose stub wrapper exports serving.stub_malloc_tunables
+        # (the wrapper itself: tests/test_server_malloc.py)
+        (backend_dir,) = [a.split("=", 1)[1] for a in args if a.startswith("--backend-directory=")]
+        assert backend_dir != env["WFF_TRITON_BACKENDS"] and Path(backend_dir).name == "backends" and "wff-triton-" in backend_dir
         assert {"--http-address=0.0.0.0", "--http-port=8000", "--grpc-address=0.0.0.0", "--grpc-port=8001",
                 "--metrics-address=0.0.0.0", "--metrics-port=8002", "--allow-metrics=true", "--allow-gpu-metrics=false",
                 "--backend-config=python,shm-default-byte-size=67108864", "--backend-config=python,shm-growth-byte-size=67108864",
