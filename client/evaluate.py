@@ -13,8 +13,9 @@ exception while reading its files or parsing the answer) gets a result with its 
 reason's group (:func:`failure_reason`) instead of a diagnosis; the other patients are not
 affected. Every metric is computed over the diagnosed patients.
 
-Dataset layout: ``DATASET/labels.csv`` (patient_id,label,age,location,split) and one folder
-``DATASET/<patient_id>/`` of DICOM files per patient.
+Dataset layout: ``DATASET/labels.csv`` (patient_id,label,age,location,split; location one or
+more vertebral locations joined by ';') and one folder ``DATASET/<patient_id>/`` of DICOM files
+per patient (wff.records).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class PatientResult:
     seconds: float  # request time, file reading included
     diagnosis: Diagnosis | None = None
     error: str | None = None  # why no diagnosis came back
-    location: str = ""  # vertebral location from labels.csv (one of config.LOCATIONS)
+    locations: tuple[str, ...] = ()  # vertebral locations from labels.csv (config.LOCATIONS), main one first
     reason: str = ""  # the error's group (failure_reason), e.g. "input rejected by the server"
 
     @property
@@ -116,9 +117,10 @@ class Evaluation:
         return [r.diagnosis.components() for r in self.diagnosed]
 
     def per_location(self) -> dict[str, dict[str, dict]]:
-        """Fig. 6: {strategy: {location: patients, wrong, error_rate}} over the diagnosed patients."""
+        """Fig. 6: {strategy: {location: patients, wrong, error_rate}} over the diagnosed patients,
+        a patient with several locations counted at each (wff.ensemble.report_metrics.location_errors)."""
         done = self.diagnosed
-        return location_table(self.components(), [r.label for r in done], [r.location for r in done], self.settings)
+        return location_table(self.components(), [r.label for r in done], [r.locations for r in done], self.settings)
 
     def sequences(self) -> dict[str, dict]:
         """Fig. 7: {subset: sequences, patients, left_out, strategies} (wff.ensemble.report_metrics.sequence_table)."""
@@ -168,7 +170,7 @@ async def diagnose_records(
     gate = asyncio.Semaphore(concurrency)
 
     def failed(record: PatientRecord, e: Exception, message: str) -> PatientResult:
-        return PatientResult(record.patient_id, record.label, 0.0, error=message, location=record.location, reason=failure_reason(e))
+        return PatientResult(record.patient_id, record.label, 0.0, error=message, locations=record.locations, reason=failure_reason(e))
 
     async def one(record: PatientRecord) -> PatientResult:
         async with gate:
@@ -177,7 +179,7 @@ async def diagnose_records(
                 files = await asyncio.to_thread(read_patient_files, record.path)
                 age = None if math.isnan(record.age) else record.age
                 diagnosis = await client.diagnose(files, age)
-                result = PatientResult(record.patient_id, record.label, 0.0, diagnosis=diagnosis, location=record.location)
+                result = PatientResult(record.patient_id, record.label, 0.0, diagnosis=diagnosis, locations=record.locations)
             except (DiagnosisError, FileNotFoundError) as e:
                 result = failed(record, e, str(e))
             except Exception as e:  # a bug, or a file that cannot be read: this patient's failure, not the run's

@@ -23,6 +23,7 @@ from wff.client.evaluate import CSV_FIELDS, METRICS, Evaluation, json_number
 from wff.config import LABELS
 from wff.ensemble.metrics import auc
 from wff.ensemble.report_metrics import roc_curve, strategy_decisions
+from wff.records import LOCATION_SEPARATOR
 
 COUNTS = ("tp", "tn", "fp", "fn")
 SUBSET_TITLES = {"T1": "T1 (T1WI) only", "T2": "T2 (T2WI, FS-T2WI) only", "All": "all sequences"}
@@ -50,11 +51,13 @@ def _write_csv(path: Path, fields: Sequence[str], rows: Sequence[Mapping]) -> Pa
 
 
 def format_per_location(per_location: Mapping[str, Mapping[str, Mapping]]) -> str:
-    """Fig. 6 as text: one row per strategy, per location "wrong/patients error rate"."""
+    """Fig. 6 as text: one row per strategy, per location "wrong/patients error rate"; a patient
+    with tumours at two locations counts at both."""
     if not per_location:
         return "no diagnoses: no per-location errors"
     locations = list(next(iter(per_location.values())))
-    lines = ["Wrong / patients and error rate by vertebral location", f"{'Fusion method':<14}" + "".join(f"{loc:>14}" for loc in locations)]
+    lines = ["Wrong / patients and error rate by vertebral location (a patient counts at each of its locations)",
+             f"{'Fusion method':<14}" + "".join(f"{loc:>14}" for loc in locations)]
     for name, rows in per_location.items():
         cells = [f"{r['wrong']}/{r['patients']} {_fmt(r['error_rate'], 2)}" for r in rows.values()]
         lines.append(f"{name:<14}" + "".join(f"{c:>14}" for c in cells))
@@ -111,8 +114,22 @@ def _grouped_bars(ax, groups: Sequence[str], series: Mapping[str, Sequence[float
     ax.set_xticks(range(len(groups)), groups)
 
 
-def plot_per_location(per_location: Mapping[str, Mapping[str, Mapping]], path: Path, served_strategy: str | None = None) -> Path:
-    """Fig. 6: (a) wrong patients, (b) patients and (c) error rate per location, one bar per strategy."""
+def per_location_title(per_location: Mapping[str, Mapping[str, Mapping]], patients: int | None = None) -> str:
+    """Fig. 6's title: the diagnosed patients (when given) and their tumour locations, the sum of the bars."""
+    rows = next(iter(per_location.values()), {})
+    located = sum(row["patients"] for row in rows.values())
+    who = f"{patients} diagnosed patients with " if patients is not None else ""
+    return f"Errors by vertebral location (paper Fig. 6), a patient counted at each of its locations: {who}{located} tumour locations"
+
+
+def plot_per_location(
+    per_location: Mapping[str, Mapping[str, Mapping]], path: Path, served_strategy: str | None = None, patients: int | None = None
+) -> Path:
+    """Fig. 6: (a) wrong patients, (b) patients and (c) error rate per location, one bar per strategy.
+
+    A patient with tumours at two locations is a bar count at both, so the bars of (b) sum to the
+    tumour locations; ``patients`` (the diagnosed patients) goes into the title beside that sum.
+    """
     fig = _figure(15, 4.6)
     axes = fig.subplots(1, 3)
     names = list(per_location)
@@ -133,7 +150,7 @@ def plot_per_location(per_location: Mapping[str, Mapping[str, Mapping]], path: P
     for ax in axes[:2]:
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=7, title="fusion method", title_fontsize=7)
-    fig.suptitle(f"Errors by vertebral location (paper Fig. 6), {sum(counts)} diagnosed patients")
+    fig.suptitle(per_location_title(per_location, patients))
     fig.savefig(path)
     return path
 
@@ -201,7 +218,7 @@ def patient_table(evaluation: Evaluation) -> tuple[list[str], list[dict]]:
     fields += [f"{name}_{col}" for name in decisions for col in ("label", "p")]
     rows, i = [], 0  # i: position among the diagnosed patients
     for r in evaluation.results:
-        row = {**r.csv_row(), "location": r.location, "sequences": ";".join(r.series_sequences)}
+        row = {**r.csv_row(), "location": LOCATION_SEPARATOR.join(r.locations), "sequences": ";".join(r.series_sequences)}
         if r.diagnosis is not None:
             for name, ds in decisions.items():
                 row[f"{name}_label"], row[f"{name}_p"] = LABELS[ds[i].label], f"{ds[i].p_malignant:.6f}"
@@ -235,7 +252,7 @@ def write_report(evaluation: Evaluation, out_dir: str | Path) -> dict[str, Path]
     put(_write_json(out / "per_location.json", per_location))
     put(_write_csv(out / "per_location.csv", ("strategy", "location", "patients", "wrong", "error_rate"),
                    [{"strategy": n, "location": loc, **row} for n, rows in per_location.items() for loc, row in rows.items()]))
-    put(plot_per_location(per_location, out / "per_location.png", served))
+    put(plot_per_location(per_location, out / "per_location.png", served, len(evaluation.diagnosed)))
 
     sequences = data["sequences"]
     put(_write_json(out / "sequences.json", sequences))

@@ -1,6 +1,7 @@
 """The result analyses of the paper beyond Table 3, from per-patient fusion components.
 
-* Fig. 6: wrong patients and error rate per vertebral location (:func:`location_table`);
+* Fig. 6: wrong patients and error rate per vertebral location, a patient counted at each of
+  its locations (:func:`location_table`);
 * Fig. 7: the six strategies on T1 only, T2 only (T2WI and FS-T2WI, i.e. T2 and STIR) and all
   sequences (:func:`sequence_table`, over :func:`restrict_components`);
 * the ROC curve of each strategy's patient score (:func:`roc_curve`).
@@ -90,25 +91,31 @@ def sequence_table(
     return table
 
 
-def location_errors(labels: Sequence[int], predictions: Sequence[int], locations: Sequence[str]) -> dict[str, dict]:
+def location_errors(labels: Sequence[int], predictions: Sequence[int], locations: Sequence[Sequence[str]]) -> dict[str, dict]:
     """Fig. 6: per vertebral location, patients, wrong predictions and error rate (NaN without patients).
 
+    locations: per patient the tuple of its tumour locations (a plain string is one location).
+    As in the paper, a patient with tumours at two locations counts once at each: in both
+    locations' patients, and in both locations' wrong patients when its prediction is wrong, so
+    the patients summed over locations are the locations of the patients, not the patients.
     Every location of wff.config.LOCATIONS is listed, in that order, then any other seen.
     """
     if not len(labels) == len(predictions) == len(locations):
         raise ValueError(f"labels, predictions and locations differ in length: {len(labels)}, {len(predictions)}, {len(locations)}")
-    y, p, where = np.asarray(labels, bool), np.asarray(predictions, bool), np.asarray(locations, object)
-    names = list(LOCATIONS) + sorted(set(locations) - set(LOCATIONS))
-    table = {}
-    for loc in names:
-        at = where == loc
-        n, wrong = int(at.sum()), int((y[at] != p[at]).sum())
-        table[loc] = {"patients": n, "wrong": wrong, "error_rate": wrong / n if n else float("nan")}
+    per_patient = [(locs,) if isinstance(locs, str) else tuple(dict.fromkeys(locs)) for locs in locations]
+    seen = {loc for locs in per_patient for loc in locs}
+    table = {loc: {"patients": 0, "wrong": 0} for loc in list(LOCATIONS) + sorted(seen - set(LOCATIONS))}
+    for label, prediction, locs in zip(labels, predictions, per_patient):
+        for loc in locs:
+            table[loc]["patients"] += 1
+            table[loc]["wrong"] += int(bool(label) != bool(prediction))
+    for row in table.values():
+        row["error_rate"] = row["wrong"] / row["patients"] if row["patients"] else float("nan")
     return table
 
 
 def location_table(
-    components: Sequence[Components], labels: Sequence[int], locations: Sequence[str], settings: FusionSettings
+    components: Sequence[Components], labels: Sequence[int], locations: Sequence[Sequence[str]], settings: FusionSettings
 ) -> dict[str, dict[str, dict]]:
     """:func:`location_errors` of every strategy: {strategy: {location: patients, wrong, error_rate}}."""
     return {

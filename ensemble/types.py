@@ -58,7 +58,7 @@ class PatientRecord:
     patient_id: str
     label: int  # 0 benign, 1 malignant (pathology-confirmed)
     age: float  # years
-    location: str  # one of config.LOCATIONS
+    locations: tuple[str, ...]  # vertebral locations of the tumours, each of config.LOCATIONS, main one first, no repeats
     split: str  # "train" | "test"
     path: Path  # the patient's folder
 

@@ -358,14 +358,17 @@ class TestEvaluation:
         assert list(comparison["table_other"]) == [*STRATEGIES, PAPER_ROW]
 
     def test_locations_and_sequences_reach_the_dict(self, tmp_path):
-        """labels.csv's location travels with each result: Fig. 6 and Fig. 7 are in the JSON dict."""
-        write_dataset(tmp_path, [(f"P{i}", "malignant" if i > 2 else "benign", str(i), loc, "test")
-                                 for i, loc in zip(range(1, 5), ("cervical", "cervical", "sacral", "lumbar"))])
+        """labels.csv's locations travel with each result: Fig. 6 and Fig. 7 are in the JSON dict. P2
+        (malignant, D 0.2 -> benign, wrong) is cervical and thoracic, P4 (right) lumbar and sacral, P3
+        (sacral) is rejected: cervical 1/2, thoracic 1/1, lumbar 0/1, sacral 0/1."""
+        rows = [("P1", "benign", "1", "cervical", "test"), ("P2", "malignant", "2", "cervical;thoracic", "test"),
+                ("P3", "malignant", "3", "sacral", "test"), ("P4", "malignant", "4", "lumbar;sacral", "test")]
+        write_dataset(tmp_path, rows)
         results = asyncio.run(diagnose_records(FakeClient(), load_records(tmp_path), concurrency=2))
-        assert [r.location for r in results] == ["cervical", "cervical", "sacral", "lumbar"]
+        assert [r.locations for r in results] == [("cervical",), ("cervical", "thoracic"), ("sacral",), ("lumbar", "sacral")]
         data = Evaluation(results, FusionSettings(), wall_s=1.0, table=score(results, FusionSettings())).to_dict()
-        assert data["per_location"]["Det-Seq"]["cervical"] == {"patients": 2, "wrong": 0, "error_rate": 0.0}
-        assert data["per_location"]["Det-Seq"]["sacral"]["patients"] == 0  # P3 was rejected
+        got = {loc: (r["patients"], r["wrong"], r["error_rate"]) for loc, r in data["per_location"]["Det-Seq"].items()}
+        assert got == {"cervical": (2, 1, 0.5), "thoracic": (1, 1, 1.0), "lumbar": (1, 0, 0.0), "sacral": (1, 0, 0.0)}
         # the fake series carry no sequence: nobody has a T1 or T2 series, everybody is in "All"
         assert [data["sequences"][s]["patients"] for s in ("T1", "T2", "All")] == [0, 0, 3]
 

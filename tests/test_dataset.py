@@ -46,7 +46,13 @@ class TestLoadRecords:
     def test_case_and_spaces_tolerated(self, tmp_path):
         """Values are trimmed and case-insensitive."""
         (record,) = load_records(labels_file(tmp_path, " P1 , Malignant ,61, Lumbar ,TRAIN\n"))
-        assert (record.patient_id, record.label, record.age, record.location, record.split) == ("P1", 1, 61.0, "lumbar", "train")
+        assert (record.patient_id, record.label, record.age, record.locations, record.split) == ("P1", 1, 61.0, ("lumbar",), "train")
+
+    def test_several_locations(self, tmp_path):
+        """The location column holds one or more locations joined by ';', main one first, order kept."""
+        text = "P1,malignant,61,thoracic; Lumbar ,train\nP2,benign,40,sacral,test\n"
+        first, second = load_records(labels_file(tmp_path, text, folders=("P1", "P2")))
+        assert (first.locations, second.locations) == (("thoracic", "lumbar"), ("sacral",))
 
     def test_missing_file(self, tmp_path):
         """Without labels.csv the error says which columns it needs."""
@@ -63,6 +69,10 @@ class TestLoadRecords:
         ("P1,benign,forty,lumbar,train", "row 2, column age: 'forty' is not a number"),
         ("P1,benign,140,lumbar,train", "row 2, column age: 140 is outside"),
         ("P1,benign,40,neck,train", "row 2, column location: 'neck' is not one of cervical"),
+        ("P1,benign,40,cervical;neck,train", "row 2, column location: 'neck' \\(in 'cervical;neck'\\) is not one of cervical"),
+        ("P1,benign,40,cervical;,train", "row 2, column location: '' \\(in 'cervical;'\\) is not one of cervical"),
+        ("P1,benign,40,,train", "row 2, column location: '' is not one of cervical"),
+        ("P1,benign,40,lumbar;Lumbar,train", "row 2, column location: 'lumbar;Lumbar' names lumbar twice"),
         ("P1,benign,40,lumbar,validation", "row 2, column split: 'validation' is not one of train, test"),
         ("P2,benign,40,lumbar,train", "row 2, column patient_id: patient folder .*P2 does not exist"),
         ("../P1,benign,40,lumbar,train", "row 2, column patient_id: '../P1' is not a patient folder name"),
@@ -137,7 +147,7 @@ class TestLoadPatient:
         sidecar = sorted(copy.rglob("*.json"))[0]
         sidecar.write_text("{broken")
         with pytest.raises(ValueError, match=f"{sidecar.name}: not a usable LabelMe file"):
-            load_patient(type(record)(record.patient_id, record.label, record.age, record.location, record.split, copy), IMAGE)
+            load_patient(type(record)(record.patient_id, record.label, record.age, record.locations, record.split, copy), IMAGE)
 
     def test_bad_dicom_names_patient_and_file(self, dataset, tmp_path):
         """An unreadable DICOM fails with the patient folder and the file name."""
@@ -146,7 +156,7 @@ class TestLoadPatient:
         shutil.copytree(record.path, copy)
         victim = sorted(copy.rglob("*.dcm"))[0]
         victim.write_bytes(b"not dicom at all" * 10)
-        bad = type(record)(record.patient_id, record.label, record.age, record.location, record.split, copy)
+        bad = type(record)(record.patient_id, record.label, record.age, record.locations, record.split, copy)
         with pytest.raises(InputError, match=f"patient {record.patient_id} .*{victim.parent.name}/{victim.name}: not a DICOM file"):
             load_patient(bad, IMAGE)
 

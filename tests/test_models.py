@@ -57,7 +57,7 @@ def fake_patients(n: int, size: int = SIZE, seed: int = 0) -> list[AnnotatedPati
             boxes.append(np.array([[x1, y1, x1 + w, y1 + h]], np.float32))
         info = tuple({"index": q, "sequence": "T2", "rows": size, "cols": size} for q in range(SERIES))
         prepared = PreparedPatient(np.clip(slices, 0, 1), np.repeat(np.arange(SERIES, dtype=np.int32), SLICES), (1.0,) * SERIES, info)
-        patients.append(AnnotatedPatient(PatientRecord(f"p{i}", label, 50.0, "lumbar", "train", Path(".")), prepared, tuple(boxes)))
+        patients.append(AnnotatedPatient(PatientRecord(f"p{i}", label, 50.0, ("lumbar",), "train", Path(".")), prepared, tuple(boxes)))
     return patients
 
 

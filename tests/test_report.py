@@ -14,7 +14,7 @@ from PIL import Image
 from wff.cli import main
 from wff.client.evaluate import Evaluation, PatientResult, score
 from wff.client.grpc_client import DiagnosisClient, read_patient_files
-from wff.client.report import format_per_location, format_sequences, write_ablation, write_report
+from wff.client.report import format_per_location, format_sequences, per_location_title, write_ablation, write_report
 from wff.config import LOCATIONS
 from wff.ensemble.diagnosis import Diagnosis
 from wff.ensemble.fusion import PAPER_ROW, PAPER_WEIGHTS, STRATEGIES, Components, FusionSettings, fuse
@@ -38,8 +38,8 @@ def components(series_d: list[list[float]], series_m: list[float] | None = None,
     return Components(d, np.full(len(d), 0.9, np.float32), owners, m, age_a)
 
 
-def fake_result(pid: str, label: int, location: str, series: list[tuple[str, list[float], float]], age_a: float = math.nan) -> PatientResult:
-    """A diagnosed patient; series = [(sequence, D of its slices, M)]."""
+def fake_result(pid: str, label: int, location: str | tuple[str, ...], series: list[tuple[str, list[float], float]], age_a: float = math.nan) -> PatientResult:
+    """A diagnosed patient at one location (a string) or several (a tuple); series = [(sequence, D of its slices, M)]."""
     c = components([d for _, d, _ in series], [m for _, _, m in series], age_a)
     q = len(series)
     dx = Diagnosis(
@@ -48,7 +48,7 @@ def fake_result(pid: str, label: int, location: str, series: list[tuple[str, lis
         slice_d=c.slice_d, slice_score=c.slice_score, slice_box=np.zeros((len(c.slice_d), 4), np.float32), slice_series=c.slice_series,
         age_a=age_a, age_used=math.nan, notes={},
     )
-    return PatientResult(pid, label, 0.1, dx, location=location)
+    return PatientResult(pid, label, 0.1, dx, locations=(location,) if isinstance(location, str) else location)
 
 
 def three_patients() -> list[PatientResult]:
@@ -148,6 +148,24 @@ class TestLocationErrors:
         assert table["sacral"] == {"patients": 1, "wrong": 0, "error_rate": 0.0}
         assert table["thoracic"]["patients"] == 0 and math.isnan(table["thoracic"]["error_rate"])
 
+    def test_two_locations_count_at_each(self):
+        """4 patients, 5 locations: P1 (malignant, predicted benign) at cervical and thoracic counts as a
+        patient and a wrong one at both; P2 (benign, predicted malignant) thoracic; P3 right, cervical;
+        P4 right, lumbar. Cervical 1/2, thoracic 2/2, lumbar 0/1, sacral 0/0."""
+        table = location_errors(
+            [1, 0, 1, 0], [0, 1, 1, 0], [("cervical", "thoracic"), ("thoracic",), ("cervical",), ("lumbar",)]
+        )
+        assert table["cervical"] == {"patients": 2, "wrong": 1, "error_rate": 0.5}
+        assert table["thoracic"] == {"patients": 2, "wrong": 2, "error_rate": 1.0}
+        assert table["lumbar"] == {"patients": 1, "wrong": 0, "error_rate": 0.0}
+        assert table["sacral"]["patients"] == 0 and math.isnan(table["sacral"]["error_rate"])
+        assert sum(row["patients"] for row in table.values()) == 5 and sum(row["wrong"] for row in table.values()) == 3
+
+    def test_a_location_named_twice_counts_once_and_a_string_is_one(self):
+        """("lumbar", "lumbar") is one lumbar patient; "lumbar" is the location, not its letters."""
+        table = location_errors([1, 1], [0, 1], [("lumbar", "lumbar"), "lumbar"])
+        assert table["lumbar"] == {"patients": 2, "wrong": 1, "error_rate": 0.5} and list(table) == list(LOCATIONS)
+
     def test_lengths_must_agree(self):
         """Mismatched inputs are an error naming the lengths."""
         with pytest.raises(ValueError, match="differ in length: 2, 1, 2"):
@@ -180,7 +198,7 @@ class TestRocCurve:
 class TestEvaluationDict:
     def test_per_location_and_sequences_in_json(self):
         """to_dict carries Fig. 6 and Fig. 7 over the diagnosed patients; NaN becomes null."""
-        results = [*three_patients(), PatientResult("E", 0, 0.1, error="rejected", location="sacral")]
+        results = [*three_patients(), PatientResult("E", 0, 0.1, error="rejected", locations=("sacral",))]
         data = evaluation(results, DET_ONLY).to_dict()
         json.dumps(data, allow_nan=False)
         assert data["served_strategy"] == "Det" and (data["patients"], data["errors"]) == (4, 1)
@@ -189,6 +207,31 @@ class TestEvaluationDict:
         assert data["sequences"]["T1"]["strategies"]["Det"] == {"acc": 0.5, "auc": None, "se": 0.5, "sp": None}
         assert data["sequences"]["T2"]["left_out"] == 1
         assert data["fusion"]["strategies"]["Det"] == [1.0, 0.0, 0.0] and data["fusion"]["vote_thresholds"]["Det"] == 0.5
+
+    def test_two_locations_in_every_output(self, tmp_path):
+        """Det decides on the slice D at 0.5: A (malignant, D 0.2) and B (benign, D 0.9) are wrong, C and D
+        right; A is cervical and thoracic. Fig. 6 in the dict, per_location.csv, the text table, patients.csv
+        and the title: cervical 1/2, thoracic 2/2, lumbar 0/1, sacral 0/0; 4 patients with 5 locations."""
+        results = [
+            fake_result("A", 1, ("cervical", "thoracic"), [("T2", [0.2], 0.5)]),
+            fake_result("B", 0, "thoracic", [("T2", [0.9], 0.5)]),
+            fake_result("C", 1, "cervical", [("T2", [0.9], 0.5)]),
+            fake_result("D", 0, "lumbar", [("T2", [0.1], 0.5)]),
+        ]
+        ev = evaluation(results, DET_ONLY)
+        files = write_report(ev, tmp_path)
+        data = ev.to_dict()
+        expected = {"cervical": (2, 1, 0.5), "thoracic": (2, 2, 1.0), "lumbar": (1, 0, 0.0), "sacral": (0, 0, None)}
+        got = {loc: (r["patients"], r["wrong"], r["error_rate"]) for loc, r in data["per_location"]["Det"].items()}
+        assert got == expected and json.loads(files["per_location.json"].read_text()) == data["per_location"]
+        rows = {r["location"]: r for r in csv.DictReader(open(files["per_location.csv"]))}
+        assert (rows["thoracic"]["patients"], rows["thoracic"]["wrong"], rows["sacral"]["error_rate"]) == ("2", "2", "")
+        assert format_per_location(data["per_location"]).splitlines()[2].split()[1:] == ["1/2", "0.50", "2/2", "1.00", "0/1", "0.00", "0/0", "n/a"]
+        patients = {r["patient_id"]: r for r in csv.DictReader(open(files["patients.csv"]))}
+        assert (patients["A"]["location"], patients["B"]["location"]) == ("cervical;thoracic", "thoracic")
+        assert (patients["A"]["Det_label"], patients["C"]["Det_label"]) == ("benign", "malignant")
+        assert per_location_title(data["per_location"], len(ev.diagnosed)).endswith("4 diagnosed patients with 5 tumour locations")
+        assert_png(files["per_location.png"])
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +244,7 @@ def report(tmp_path_factory):
         seqs = [("T1", "T2", "STIR"), ("T2",), ("T1", "STIR")][i % 3]
         series = [(s, list(np.clip(rng.normal(0.35 + 0.3 * label, 0.2, 3), 0, 1)), float(rng.random())) for s in seqs]
         results.append(fake_result(f"P{i}", label, LOCATIONS[i % 4], series, age_a=0.3 + 0.4 * label))
-    results.append(PatientResult("PX", 1, 0.1, error="rejected by the server", location="lumbar"))
+    results.append(PatientResult("PX", 1, 0.1, error="rejected by the server", locations=("lumbar",)))
     ev = evaluation(results)
     out = tmp_path_factory.mktemp("report")
     return ev, write_report(ev, out), out
@@ -344,7 +387,7 @@ class TestServedSubsets:
         data = tmp_path / "data"
         rows = ["patient_id,label,age,location,split"]
         layouts = [{"SAG T1": 3, "SAG T2": 3}, {"SAG T2": 3, "SAG STIR": 3}, {"SAG T1": 4}]
-        for i, (series, label, location) in enumerate(zip(layouts, ("benign", "malignant", "malignant"), ("cervical", "lumbar", "lumbar"))):
+        for i, (series, label, location) in enumerate(zip(layouts, ("benign", "malignant", "malignant"), ("cervical;thoracic", "lumbar", "lumbar"))):
             write_dicom_patient(data / f"P{i}", series, seed=10 + i)
             rows.append(f"P{i},{label},{50 + 5 * i},{location},test")
         (data / "labels.csv").write_text("\n".join(rows) + "\n")
@@ -358,7 +401,8 @@ class TestServedSubsets:
         wrong = {r["patient_id"] for r in patients if r["predicted_label"] != r["label"]}
         assert wrong and {p.name.split("_")[0] for p in overlays.iterdir()} == wrong  # overlays of the misclassified only
         metrics = json.loads((tmp_path / "m.json").read_text())
-        assert metrics["per_location"]["Det"]["lumbar"]["patients"] == 2
+        assert [metrics["per_location"]["Det"][loc]["patients"] for loc in LOCATIONS] == [1, 1, 2, 0]  # P0 at two locations
+        assert patients[0]["location"] == "cervical;thoracic"
         assert [metrics["sequences"][s]["left_out"] for s in ("T1", "T2", "All")] == [1, 1, 0]
         assert "vertebral location" in result.output and "ACC by MRI sequence" in result.output
         for name in ("per_location.png", "sequences.png", "roc.png"):

@@ -4,8 +4,10 @@
     DATASET/<patient_id>/<series>/<slice>.dcm   any folder names and depth below the patient
     DATASET/<patient_id>/<series>/<slice>.json  LabelMe rectangles (or polygons) for that slice
 
-``label`` is benign | malignant (or 0 | 1), ``location`` one of config.LOCATIONS, ``split``
-train | test, ``age`` in years (empty when unknown: diagnosed without the age term). Patients go through the serving preprocessing (wff.ensemble.dicom_series and
+``label`` is benign | malignant (or 0 | 1), ``location`` one or more of config.LOCATIONS joined
+by ';' (main one first; wff.records), ``split`` train | test, ``age`` in years (empty when
+unknown: diagnosed without the age term). The LabelMe shapes of every tumour are boxes, a
+second location's lesion as well. Patients go through the serving preprocessing (wff.ensemble.dicom_series and
 preprocess), and the LabelMe shapes are mapped into detector pixels with the same letterbox
 scale, so training sees exactly what serving sees.
 """

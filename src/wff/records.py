@@ -3,9 +3,11 @@
     DATASET/labels.csv      patient_id,label,age,location,split
     DATASET/<patient_id>/   the patient's DICOM files, any folder names and depth below it
 
-``label`` is benign | malignant (or 0 | 1), ``location`` one of config.LOCATIONS, ``split``
-train | test, ``age`` in years (empty when unknown: diagnosed without the age term). Read by
-training (wff.training.dataset) and by the client's evaluation (wff evaluate, soak, bench).
+``label`` is benign | malignant (or 0 | 1), ``location`` one or more of config.LOCATIONS joined
+by ';' (a patient with tumours at two vertebral locations, e.g. ``cervical;thoracic``, main one
+first; the paper counts 677 locations in 585 patients), ``split`` train | test, ``age`` in
+years (empty when unknown: diagnosed without the age term). Read by training
+(wff.training.dataset) and by the client's evaluation (wff evaluate, soak, bench).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ COLUMNS = ("patient_id", "label", "age", "location", "split")
 SPLITS = ("train", "test")
 MAX_AGE = 120.0
 LABEL_ALIASES = {"0": LABELS[0], "1": LABELS[1]}  # labels may also be written 0 (benign) / 1 (malignant)
+LOCATION_SEPARATOR = ";"  # between the locations of one patient in the location column
 
 
 def _field(row: dict, column: str, allowed: Sequence[str], where: str) -> str:
@@ -31,11 +34,27 @@ def _field(row: dict, column: str, allowed: Sequence[str], where: str) -> str:
     return value
 
 
+def _locations(row: dict, where: str) -> tuple[str, ...]:
+    """The location column: one or more of config.LOCATIONS joined by ';', each once."""
+    raw = row.get("location") or ""
+    names = [part.strip().lower() for part in raw.split(LOCATION_SEPARATOR)]
+    for name in names:
+        if name not in LOCATIONS:
+            raise ValueError(
+                f"{where}, column location: {name!r}{f' (in {raw!r})' if len(names) > 1 else ''} is not one of {', '.join(LOCATIONS)}; "
+                f"write one location or several joined by {LOCATION_SEPARATOR!r}, e.g. 'cervical;thoracic'"
+            )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{where}, column location: {raw!r} names {', '.join(repeated)} twice; name each location once")
+    return tuple(names)
+
+
 def load_records(dataset_dir: str | Path, split: str | None = None) -> list[PatientRecord]:
     """Rows of DATASET/labels.csv (optionally only one split), validated, in file order.
 
     Raises FileNotFoundError without labels.csv, and ValueError naming the file, row and
-    column for a missing column, a bad label/location/split/age, a duplicate patient_id or a
+    column for a missing column, a bad label/location/split/age, a location named twice, a duplicate patient_id or a
     missing patient folder.
     """
     if split is not None and split not in SPLITS:
@@ -59,7 +78,7 @@ def load_records(dataset_dir: str | Path, split: str | None = None) -> list[Pati
                 raise ValueError(f"{where}, column patient_id: {patient_id!r} appears twice")
             seen.add(patient_id)
             label = _field({**row, "label": LABEL_ALIASES.get((row.get("label") or "").strip(), row.get("label"))}, "label", LABELS, where)
-            location = _field(row, "location", LOCATIONS, where)
+            locations = _locations(row, where)
             row_split = _field(row, "split", SPLITS, where)
             try:
                 age = float(row["age"]) if (row["age"] or "").strip() else float("nan")  # empty = unknown
@@ -71,5 +90,5 @@ def load_records(dataset_dir: str | Path, split: str | None = None) -> list[Pati
             if not folder.is_dir():
                 raise ValueError(f"{where}, column patient_id: patient folder {folder} does not exist")
             if split is None or row_split == split:
-                records.append(PatientRecord(patient_id, LABELS.index(label), age, location, row_split, folder))
+                records.append(PatientRecord(patient_id, LABELS.index(label), age, locations, row_split, folder))
     return records
