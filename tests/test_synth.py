@@ -9,22 +9,26 @@ import pydicom
 import pytest
 from click.testing import CliRunner
 
-from wff.config import LOCATIONS
+from wff.config import LOCATIONS, ImageConfig
 from wff.ensemble.dicom_series import read_study_dir
+from wff.records import load_records
 from wff.training.data_cli import data
+from wff.training.dataset import load_patient
 from wff.training.synth import (
-    class_counts, draw_patients, generate_patients, make_anatomy, observer_accuracy, plan_series, render_series, synthesize_dataset,
-    write_patient,
+    LOCATION_CASES, class_counts, draw_patients, draw_signal_attributes, generate_patients, location_mix, make_anatomy,
+    observer_accuracy, plan_series, render_series, synthesize_dataset, write_patient,
 )
 
 LABELME_KEYS = {"version", "flags", "shapes", "imagePath", "imageData", "imageHeight", "imageWidth"}
-SHAPE_KEYS = {"label", "points", "group_id", "shape_type", "flags"}
+SHAPE_KEYS = {"label", "points", "group_id", "description", "shape_type", "flags"}
+SEED = 5  # the fixture's draw: SYN0002 sacral;lumbar and SYN0003 cervical;thoracic have two locations
+TABLE2_SHARE = {loc: n / sum(LOCATION_CASES.values()) for loc, n in LOCATION_CASES.items()}  # of 677 locations
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """2 training + 2 test patients, seed 1."""
-    return synthesize_dataset(tmp_path_factory.mktemp("synth") / "data", 2, 2, seed=1)
+    """2 training + 2 test patients, seed SEED (two of them with two locations)."""
+    return synthesize_dataset(tmp_path_factory.mktemp("synth") / "data", 2, 2, seed=SEED)
 
 
 def rows(dataset):
@@ -58,9 +62,38 @@ class TestComposition:
     def test_locations_and_sex(self):
         """Locations follow Table 2 (cervical most, sacral rarest); both sexes appear."""
         patients = draw_patients(445, 140, np.random.default_rng(2))
-        counts = {loc: sum(p.location == loc for p in patients) for loc in LOCATIONS}
+        counts = {loc: sum(loc in p.locations for p in patients) for loc in LOCATIONS}
         assert counts["cervical"] > counts["thoracic"] > counts["sacral"] and counts["lumbar"] > counts["sacral"] > 0
         assert 0.45 < np.mean([p.sex == "M" for p in patients]) < 0.67
+
+    def test_location_mix_gives_table2_exactly(self):
+        """Per 585 patients the mix expects 92 with two locations and 297/182/174/24 locations. The pairs
+        by hand: 92 x 297*182 / (297*182 + 182*174 + 174*24) = 55.32 cervicothoracic, 32.41 thoracolumbar,
+        4.27 lumbosacral; cervical alone 297 - 55.32 = 241.68."""
+        mix = {locs: 585 * p for locs, p in location_mix().items()}
+        assert sum(mix.values()) == pytest.approx(585)
+        assert sum(n for locs, n in mix.items() if len(locs) == 2) == pytest.approx(92)
+        for loc, n in LOCATION_CASES.items():
+            assert sum(n_set for locs, n_set in mix.items() if loc in locs) == pytest.approx(n)
+
+        def pair(a, b):
+            return mix[(a, b)] + mix[(b, a)]
+
+        assert (pair("cervical", "thoracic"), pair("thoracic", "lumbar"), pair("lumbar", "sacral")) == pytest.approx((55.318, 32.408, 4.274), abs=0.001)
+        assert mix[("cervical",)] == pytest.approx(241.682, abs=0.001)
+        assert mix[("cervical", "thoracic")] / pair("cervical", "thoracic") == pytest.approx(297 / (297 + 182))
+
+    def test_second_locations_on_a_large_draw(self):
+        """20,000 patients: 92/585 = 15.7 % have two locations (binomial SD 0.26 %), always neighbouring
+        regions and never the same twice; each region's share of all locations is Table 2's (297/677 ...)."""
+        patients = draw_patients(15000, 5000, np.random.default_rng(6))
+        two = [p.locations for p in patients if len(p.locations) == 2]
+        assert all(len(p.locations) in (1, 2) for p in patients)
+        assert len(two) / len(patients) == pytest.approx(92 / 585, abs=0.01)
+        assert all(abs(LOCATIONS.index(a) - LOCATIONS.index(b)) == 1 for a, b in two)
+        located = [loc for p in patients for loc in p.locations]
+        for loc, share in TABLE2_SHARE.items():
+            assert located.count(loc) / len(located) == pytest.approx(share, abs=0.01), loc
 
     def test_ids_do_not_reveal_the_class(self):
         """Within a split, labels are shuffled rather than benign first."""
@@ -88,14 +121,59 @@ class TestDifficulty:
         labelled = [k for k, b in enumerate(boxes) if b]
         assert len(labelled) >= 2 and labelled == list(range(labelled[0], labelled[-1] + 1))
         k = labelled[len(labelled) // 2]
-        x1, y1, x2, y2 = (int(v) for v in boxes[k][0])
+        x1, y1, x2, y2 = (int(v) for v in boxes[k][0][:4])
         tumour = np.median(pixels[k, y1:y2, x1:x2])
-        busy = {anatomy.tumour.level} | {s.level for s in anatomy.satellites}
+        busy = {anatomy.tumour.level} | {s.level for s in anatomy.satellites} | ({anatomy.second.level} if anatomy.second else set())
         v_mid = plan.v0 + plan.rows * plan.spacing / 2
         normal = min((lv for i, lv in enumerate(anatomy.levels) if i not in busy), key=lambda lv: abs(lv.cv - v_mid))
         row, col = int((normal.cv - plan.v0) / plan.spacing), int((normal.cu - plan.u0) / plan.spacing)
         marrow = np.median(pixels[k, row - 2:row + 3, col - 2:col + 3])
         assert (tumour > marrow) == brighter
+
+
+class TestSecondLocation:
+    @pytest.mark.parametrize("locations", [("cervical", "thoracic"), ("thoracic", "cervical"), ("thoracic", "lumbar"),
+                                           ("lumbar", "thoracic"), ("lumbar", "sacral"), ("sacral", "lumbar")])
+    def test_second_tumour_in_the_next_region_and_labelled(self, locations):
+        """The second tumour sits 1-3 levels towards the second region (in the sacrum for a sacral one,
+        above it for a lumbar one below a sacral tumour), inside every series' field of view, drawn
+        with the main tumour's size rule, and boxed with its location on some slices."""
+        patient = dataclasses.replace(draw_patients(2, 2, np.random.default_rng(7))[1], locations=locations)
+        rng = np.random.default_rng([7, patient.index])
+        anatomy = make_anatomy(patient, rng)
+        second, tumour = anatomy.second, anatomy.tumour
+        step = second.level - tumour.level
+        assert (second.location, tumour.location) == (locations[1], locations[0])
+        assert 1 <= abs(step) <= 3 and np.sign(step) == np.sign(LOCATIONS.index(locations[1]) - LOCATIONS.index(locations[0]))
+        sacrum = [i for i, lv in enumerate(anatomy.levels) if lv.cv > anatomy.kink_v]  # S1 and below
+        assert (second.level in sacrum) == (locations[1] == "sacral") and (tumour.level in sacrum) == (locations[0] == "sacral")
+        assert second.level not in {s.level for s in anatomy.satellites}
+        plans = plan_series(patient, anatomy, rng)
+        seen = set()
+        for plan, attrs in zip(plans, draw_signal_attributes(patient.z, plans, rng)):
+            for lesion in (tumour, second):
+                assert plan.v0 < anatomy.levels[lesion.level].cv < plan.v0 + plan.rows * plan.spacing
+            _, boxes = render_series(anatomy, plan, attrs, rng)
+            seen |= {box[4] for slice_boxes in boxes for box in slice_boxes}
+        assert seen == set(locations)
+
+    def test_one_location_has_no_second_tumour(self):
+        """A single-location patient keeps one tumour."""
+        patient = dataclasses.replace(draw_patients(2, 2, np.random.default_rng(7))[0], locations=("lumbar",))
+        assert make_anatomy(patient, np.random.default_rng(1)).second is None
+
+    def test_every_location_is_labelled_and_read(self, dataset):
+        """labels.csv lists each patient's locations (two for SYN0002 and SYN0003), load_records reads them,
+        every location appears as a LabelMe description of that patient's boxes, and training gets one
+        box per LabelMe shape."""
+        records = {r.patient_id: r for r in load_records(dataset)}
+        assert records["SYN0002"].locations == ("sacral", "lumbar") and records["SYN0003"].locations == ("cervical", "thoracic")
+        for row in rows(dataset):
+            shapes = [s for f in (dataset / row["patient_id"]).rglob("*.json") for s in json.loads(f.read_text())["shapes"]]
+            assert {s["description"] for s in shapes} == set(row["location"].split(";")), row["patient_id"]
+        patient = load_patient(records["SYN0003"], ImageConfig(size=128))
+        n_shapes = sum(len(json.loads(f.read_text())["shapes"]) for f in (dataset / "SYN0003").rglob("*.json"))
+        assert sum(len(b) for b in patient.boxes) == n_shapes
 
 
 class TestDataset:
@@ -106,7 +184,7 @@ class TestDataset:
         assert [r["split"] for r in table] == ["train", "train", "test", "test"]
         assert {r["label"] for r in table if r["split"] == "test"} == {"benign", "malignant"}
         for row in table:
-            assert row["location"] in LOCATIONS and 4 <= int(row["age"]) <= 82
+            assert set(row["location"].split(";")) <= set(LOCATIONS) and 4 <= int(row["age"]) <= 82
             series = sorted((dataset / row["patient_id"]).iterdir())
             assert 2 <= len(series) <= 4
             for folder in series:
@@ -169,8 +247,8 @@ class TestDataset:
 
     def test_deterministic(self, dataset, tmp_path):
         """The same seed writes the same bytes."""
-        patient = draw_patients(2, 2, np.random.default_rng(1))[0]
-        write_patient(tmp_path, patient, seed=1)
+        patient = draw_patients(2, 2, np.random.default_rng(SEED))[1]  # a two-location patient
+        write_patient(tmp_path, patient, seed=SEED)
         for again in sorted((tmp_path / patient.patient_id).rglob("*.*"))[:5]:
             assert again.read_bytes() == (dataset / again.relative_to(tmp_path)).read_bytes()
 

@@ -8,22 +8,31 @@ Layout (also the layout a real dataset must have; wff.training.dataset reads it)
 
     OUT/labels.csv                          patient_id,label,age,location,split
                                             label: benign | malignant (pathology)
-                                            location: cervical | thoracic | lumbar | sacral
+                                            location: cervical | thoracic | lumbar | sacral, or
+                                              two joined by ';', main one first (cervical;thoracic)
                                             split: train | test
     OUT/<patient_id>/<series folder>/IM0001.dcm ...   e.g. OUT/SYN0001/S03_T2/IM0001.dcm
     OUT/<patient_id>/<series folder>/IM0007.json      LabelMe 5 rectangles beside each slice
-                                                      showing the tumour (same stem)
+                                                      showing a lesion (same stem)
 
 Series folder names are free (here ``S<SeriesNumber>_<T1|T2|STIR>``); the reader groups by
 SeriesInstanceUID and orders by ImagePositionPatient. LabelMe coordinates are source pixels
-(x right, y down, pixel edges), label ``benign`` or ``malignant``.
+(x right, y down, pixel edges), label ``benign`` or ``malignant``, the shape's description the
+lesion's vertebral location (what labels.csv counts it under; satellites: the main location).
 
 Patients. Split sizes and class counts follow Table 1 (445 train: 180 benign / 265 malignant;
-140 test: 90 / 50; other sizes keep each split's proportions), locations Table 2 (cervical 297,
-thoracic 182, lumbar 174, sacral 24 of 677), sex 326 M / 259 F. Ages follow Fig. 5: benign
-~ N(38, 16), malignant a mixture of N(61, 11) (91 %, metastases and myeloma) and N(20, 8) (9 %,
-young primary sarcomas), truncated to 4-82 years: mean 48 +- 18, about 20 % malignant under
-40, 40 % in the forties, 70 % in the fifties and 90 % from 70 on.
+140 test: 90 / 50; other sizes keep each split's proportions), sex 326 M / 259 F. Locations
+follow Table 2 over all 677 locations of the 585 patients (cervical 297, thoracic 182, lumbar
+174, sacral 24): 92 of 585 patients (15.7 %) have a second tumour in the neighbouring region at
+the cervicothoracic, thoracolumbar or lumbosacral junction, and the single-location patients
+per region make up the rest, so each region's share of all locations is Table 2's
+(:func:`location_mix`). The second tumour is 2-3 vertebrae from the main one (S1/S2 below a
+lumbar one, L5/L4 above a sacral one), in the same sagittal field of view, drawn from the
+same latent geometry and signal as the main tumour and labelled wherever it is visible, so the
+detector learns it too (the column keeps the main region's body sizes across the junction).
+Ages follow Fig. 5: benign ~ N(38, 16), malignant a mixture of N(61, 11) (91 %, metastases and
+myeloma) and N(20, 8) (9 %, young primary sarcomas), truncated to 4-82 years: mean 48 +- 18,
+about 20 % malignant under 40, 40 % in the forties, 70 % in the fifties and 90 % from 70 on.
 
 Images. Each patient is one 3D object in millimetres (u anterior->posterior = image columns,
 v superior->inferior = image rows, w = patient x = slice axis). A curved column (lordosis or
@@ -83,12 +92,16 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from wff.config import LABELS, LOCATIONS
 from wff.ensemble.resample import bilinear_matrix
+from wff.records import LOCATION_SEPARATOR
 
 # ---------------------------------------------------------------------------------------------
 # Dataset composition (paper: "Image data", Tables 1 and 2, Fig. 5)
 SIZES = {"paper": (445, 140), "demo": (120, 60), "tiny": (8, 6)}  # (training, test) patients
 CLASS_MIX = {"train": (180, 265), "test": (90, 50)}  # (benign, malignant) patients per split, Table 1
-LOCATION_CASES = {"cervical": 297, "thoracic": 182, "lumbar": 174, "sacral": 24}  # Table 2
+LOCATION_CASES = {"cervical": 297, "thoracic": 182, "lumbar": 174, "sacral": 24}  # Table 2: 677 locations
+LOCATION_PATIENTS = 585  # Table 2's locations are those of the paper's 585 patients
+TWO_LOCATION_PATIENTS = sum(LOCATION_CASES.values()) - LOCATION_PATIENTS  # 92 patients have a second location
+SECOND_LESION_OFFSETS = (2, 3)  # vertebral levels from the main tumour to a second lesion in the next region
 MALE_FRACTION = 326 / 585  # 326 men, 259 women
 AGE_RANGE = (4, 82)  # years
 AGE_MIXTURES = {  # label -> ((weight, mean, sd), ...) in years, truncated to AGE_RANGE
@@ -191,7 +204,7 @@ class Patient:
     label: int  # 0 benign, 1 malignant
     age: int  # years
     sex: str  # "M" | "F"
-    location: str  # one of LOCATIONS
+    locations: tuple[str, ...]  # main tumour's location, then the second lesion's (a neighbouring region) if any
     split: str  # "train" | "test"
     z: float  # latent malignancy appearance
 
@@ -220,6 +233,7 @@ class Lesion:
     harmonics: np.ndarray  # (3, 4) rows: order, amplitude, phase, twist of the margin's ripples
     extension_mm: float  # soft-tissue/epidural extension through the cortex (0: contained)
     extension_side: int  # +1 posterior (epidural), -1 anterior (paravertebral)
+    location: str = ""  # the location it counts under in labels.csv (satellites: the main one); LabelMe description
 
 
 @dataclass(frozen=True)
@@ -241,6 +255,7 @@ class Anatomy:
     signals: dict  # sequence -> (10,) float32 tissue signal, adjusted for age
     field_centre_v: float  # field-of-view centre shared by the series
     lateral_centre: float  # slice stacks are centred here (patient x, mm)
+    second: Lesion | None = None  # the tumour at the patient's second location, inside the same field of view
 
     def column(self, v: np.ndarray) -> np.ndarray:
         """u of the canal's anterior wall (the bodies' posterior wall) at height v."""
@@ -301,9 +316,35 @@ def class_counts(n: int, split: str) -> tuple[int, int]:
     return benign, n - benign
 
 
+def location_mix() -> dict[tuple[str, ...], float]:
+    """Probability of each patient's locations (main first), so that Table 2 holds over all locations.
+
+    TWO_LOCATION_PATIENTS of LOCATION_PATIENTS have a second location, in the next region up or
+    down the column (cervicothoracic, thoracolumbar, lumbosacral). The 92 pairs are shared
+    between the three junctions in proportion to the product of the two regions' Table 2 counts
+    (55.3, 32.4 and 4.3 patients); the pair's main location is either of the two in proportion
+    to its count. Each region's single-location patients are its Table 2 count minus its pairs,
+    so the expected locations per 585 patients are exactly 297 / 182 / 174 / 24.
+    """
+    pairs = list(zip(LOCATIONS[:-1], LOCATIONS[1:]))
+    weight = {pair: LOCATION_CASES[pair[0]] * LOCATION_CASES[pair[1]] for pair in pairs}
+    in_pairs = {pair: TWO_LOCATION_PATIENTS * w / sum(weight.values()) for pair, w in weight.items()}
+    mix: dict[tuple[str, ...], float] = {}
+    for loc in LOCATIONS:
+        single = LOCATION_CASES[loc] - sum(n for pair, n in in_pairs.items() if loc in pair)
+        if single <= 0:
+            raise ValueError(f"LOCATION_CASES leave no single-location {loc} patient; lower TWO_LOCATION_PATIENTS")
+        mix[(loc,)] = single / LOCATION_PATIENTS
+    for (a, b), n in in_pairs.items():
+        share = LOCATION_CASES[a] / (LOCATION_CASES[a] + LOCATION_CASES[b])
+        mix[(a, b)], mix[(b, a)] = n * share / LOCATION_PATIENTS, n * (1 - share) / LOCATION_PATIENTS
+    return mix
+
+
 def draw_patients(n_train: int, n_test: int, rng: np.random.Generator) -> list[Patient]:
-    """Patients SYN0001... with the paper's class mix per split, ages, sexes and locations."""
-    weights = np.array([LOCATION_CASES[loc] for loc in LOCATIONS], float)
+    """Patients SYN0001... with the paper's class mix per split, ages, sexes and locations (:func:`location_mix`)."""
+    mix = location_mix()
+    options, weights = list(mix), np.array(list(mix.values()))
     patients: list[Patient] = []
     for split, n in (("train", n_train), ("test", n_test)):
         benign, malignant = class_counts(n, split)
@@ -316,7 +357,7 @@ def draw_patients(n_train: int, n_test: int, rng: np.random.Generator) -> list[P
                 label=int(label),
                 age=_truncated_age(rng, int(label)),
                 sex="M" if rng.random() < MALE_FRACTION else "F",
-                location=LOCATIONS[rng.choice(len(LOCATIONS), p=weights / weights.sum())],
+                locations=options[rng.choice(len(options), p=weights / weights.sum())],
                 split=split,
                 z=float(rng.normal(LATENT_MEAN if label else -LATENT_MEAN, 1.0)),
             ))
@@ -326,18 +367,27 @@ def draw_patients(n_train: int, n_test: int, rng: np.random.Generator) -> list[P
 # ---------------------------------------------------------------------------------------------
 # Anatomy, protocol and appearance of one patient (cheap: no images yet)
 
-def _levels(region: Region, location: str, rng: np.random.Generator, curve_mm: float, reach: float) -> tuple[list[Level], int, float]:
-    """Vertebral bodies from -reach to +reach around the tumour level (v = 0); returns levels, tumour index, sacral kink."""
+def _levels(region: Region, locations: tuple[str, ...], rng: np.random.Generator, curve_mm: float,
+            reach: float) -> tuple[list[Level], int, float, int | None]:
+    """Vertebral bodies from -reach to +reach around the tumour level (v = 0).
+
+    Returns levels, tumour index, sacral kink and S1's offset from the tumour level (None
+    without a sacrum: neither location is sacral).
+    """
     h0, d0, w0 = (x * rng.uniform(0.92, 1.08) for x in region.body)
-    sacral = location == "sacral"
-    first_sacral = int(rng.integers(0, 2)) if sacral else None  # the tumour sits in S1 or S2
+    if locations[0] == "sacral":
+        s1 = -int(rng.integers(0, 2))  # the tumour sits in S1 or S2
+    elif "sacral" in locations:
+        s1 = 1 + int(rng.integers(0, 2))  # the tumour sits in L5 or L4, the second lesion in the sacrum
+    else:
+        s1 = None
     sizes = {}  # offset from the tumour level -> (h, d, width, disc ratio below, fused)
     for k in range(-12, 13):
         grow = 1 + 0.025 * k  # bodies grow caudally
         h, d, w = h0 * grow, d0 * grow, w0 * grow
         fused, disc = False, region.disc_ratio
-        if sacral and k >= -first_sacral:  # k = -first_sacral is S1
-            segment = k + first_sacral
+        if s1 is not None and k >= s1:  # k = s1 is S1
+            segment = k - s1
             h, d, w = (x * t**segment for x, t in zip((h0, d0, w0), SACRAL_TAPER))
             fused, disc = segment > 0, SACRAL_DISC_RATIO
         sizes[k] = (h * rng.uniform(0.96, 1.04), d * rng.uniform(0.96, 1.04), w, disc * rng.uniform(0.85, 1.15), fused)
@@ -345,7 +395,7 @@ def _levels(region: Region, location: str, rng: np.random.Generator, curve_mm: f
     for k in range(1, 13):
         centres[k] = centres[k - 1] + sizes[k - 1][0] / 2 + sizes[k - 1][3] * sizes[k - 1][0] + sizes[k][0] / 2
         centres[-k] = centres[-k + 1] - sizes[-k + 1][0] / 2 - sizes[-k][3] * sizes[-k][0] - sizes[-k][0] / 2
-    kink = centres[-first_sacral] - sizes[-first_sacral][0] / 2 if sacral else math.inf
+    kink = centres[s1] - sizes[s1][0] / 2 if s1 is not None else math.inf
     keys = [k for k in sorted(centres) if abs(centres[k]) < reach]
     levels = []
     for k in keys:
@@ -354,7 +404,7 @@ def _levels(region: Region, location: str, rng: np.random.Generator, curve_mm: f
         slope = float(column_u(cv + 0.5, curve_mm, kink) - column_u(cv - 0.5, curve_mm, kink))  # du/dv
         cu = float(column_u(cv, curve_mm, kink)) - d / 2
         levels.append(Level(cv, cu, h, d, w, math.atan(slope), disc * h if k != keys[-1] else 0.0, fused))
-    return levels, keys.index(0), kink
+    return levels, keys.index(0), kink, s1
 
 
 def _lesion(level_index: int, level: Level, scale: float, rng: np.random.Generator, irregular: float) -> Lesion:
@@ -377,21 +427,24 @@ def _lesion(level_index: int, level: Level, scale: float, rng: np.random.Generat
 
 
 def make_anatomy(p: Patient, rng: np.random.Generator) -> Anatomy:
-    """The patient's spine, soft tissue, tumour and satellite lesions; geometry from the latent z."""
-    region = REGIONS[p.location]
+    """The patient's spine, soft tissue, tumour, satellite lesions and second-location tumour; geometry from the latent z."""
+    main = p.locations[0]
+    region = REGIONS[main]
     curve = region.curve_mm * rng.uniform(0.6, 1.4)
-    levels, t, kink = _levels(region, p.location, rng, curve, reach=region.fov_mm[1] / 2 + 80)
+    levels, t, kink, s1 = _levels(region, p.locations, rng, curve, reach=region.fov_mm[1] / 2 + 80)
     geometry = p.z + GEOMETRY_SD * rng.standard_normal(4)
     g_size, g_collapse, g_extension, g_satellites = geometry
     tumour = dataclasses.replace(
         _lesion(t, levels[t], math.exp(0.07 * g_size), rng, irregular=1.0),
         extension_mm=float(np.clip(2.5 * (g_extension - 1.0), 0.0, 20.0)),
         extension_side=1 if rng.random() < 0.7 else -1,  # epidural more often than paravertebral
+        location=main,
     )
     n_satellites = min(4, int(rng.poisson(0.3 * math.exp(0.25 * np.clip(g_satellites, -8, 8)))))
     others = [i for i in range(1, len(levels) - 1) if i != t and not levels[i].fused]
     chosen = rng.choice(others, min(n_satellites, len(others)), replace=False)
-    satellites = tuple(_lesion(int(i), levels[i], rng.uniform(0.25, 0.45), rng, irregular=0.3) for i in chosen)
+    satellites = tuple(dataclasses.replace(_lesion(int(i), levels[i], rng.uniform(0.25, 0.45), rng, irregular=0.3), location=main)
+                       for i in chosen)
     age01 = float(np.clip((p.age - 20) / 60, 0, 1))
     signals = {}
     for seq, base in TISSUE_SIGNAL.items():
@@ -402,7 +455,7 @@ def make_anatomy(p: Patient, rng: np.random.Generator) -> Anatomy:
             s[NUCLEUS] *= 1.0 - DISC_DRYING * age01 * rng.uniform(0.5, 1.2)
         signals[seq] = s
     first_sacral = next((lv for lv in levels if lv.cv > kink), None)
-    return Anatomy(
+    anatomy = Anatomy(
         region=region,
         levels=tuple(levels),
         tumour=tumour,
@@ -425,6 +478,41 @@ def make_anatomy(p: Patient, rng: np.random.Generator) -> Anatomy:
         field_centre_v=float(rng.uniform(-0.12, 0.12) * np.mean(region.fov_mm)),
         lateral_centre=float(rng.normal(0.0, 2.0)),
     )
+    return _with_second_lesion(anatomy, p.locations, t, s1, rng) if len(p.locations) > 1 else anatomy
+
+
+def _with_second_lesion(a: Anatomy, locations: tuple[str, ...], t: int, s1: int | None, rng: np.random.Generator) -> Anatomy:
+    """The anatomy plus a tumour at the second location, drawn like the main one, in the same field of view.
+
+    It sits SECOND_LESION_OFFSETS levels from the main tumour towards the second region (in S1
+    or S2 for a sacral second location, L5 or L4 below a sacral main tumour), takes the main
+    tumour's size, extension and margin from the same latent geometry (times a non-informative
+    factor, so it adds no evidence about z beyond the main tumour's) and shares the per-slice
+    signal attributes when rendered. The field of view moves just enough to hold both; a
+    satellite at that level gives way.
+    """
+    main, second = locations[0], locations[1]
+    if second == "sacral":
+        offsets = (s1, s1 + 1)  # S1, S2
+    elif main == "sacral":
+        offsets = (s1 - 1, s1 - 2)  # L5, L4
+    else:
+        offsets = tuple(o if LOCATIONS.index(second) > LOCATIONS.index(main) else -o for o in SECOND_LESION_OFFSETS)
+    offsets = [o for o in offsets if 0 <= t + o < len(a.levels)]
+    i = t + int(offsets[rng.integers(len(offsets))])
+    g_size, _, g_extension, _ = a.geometry
+    lesion = dataclasses.replace(
+        _lesion(i, a.levels[i], math.exp(0.07 * g_size) * rng.uniform(0.8, 1.0), rng, irregular=1.0),
+        extension_mm=float(np.clip(2.5 * (g_extension - 1.0), 0.0, 20.0)) * rng.uniform(0.5, 1.0),
+        extension_side=1 if rng.random() < 0.7 else -1,
+        location=second,
+    )
+    # both lesion centres at least a body height + 12 mm inside the smallest field of view of the region
+    lo_v, hi_v = sorted((a.levels[t].cv, a.levels[i].cv))
+    half = a.region.fov_mm[0] / 2 - max(a.levels[t].h, a.levels[i].h) / 2 - 12.0
+    centre = float(np.clip(a.field_centre_v, hi_v - half, lo_v + half))
+    satellites = tuple(s for s in a.satellites if s.level != i)
+    return dataclasses.replace(a, second=lesion, field_centre_v=centre, satellites=satellites)
 
 
 def plan_series(p: Patient, anatomy: Anatomy, rng: np.random.Generator) -> list[SeriesPlan]:
@@ -732,7 +820,8 @@ def _blur(x: np.ndarray) -> np.ndarray:
 def render_series(a: Anatomy, plan: SeriesPlan, attrs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, list[list[tuple]]]:
     """One series -> (pixels (n, rows, cols) uint16 12-bit, per slice a list of lesion boxes).
 
-    Boxes are (x1, y1, x2, y2) in source pixels (pixel edges), one per visible lesion.
+    Boxes are (x1, y1, x2, y2, location) in source pixels (pixel edges), one per visible lesion;
+    location is the lesion's (Lesion.location).
     """
     v = (plan.v0 + (np.arange(plan.rows) + 0.5) * plan.spacing).astype(np.float32)  # (rows,) superior -> inferior
     u = (plan.u0 + (np.arange(plan.cols) + 0.5) * plan.spacing).astype(np.float32)  # (cols,) anterior -> posterior
@@ -746,9 +835,10 @@ def render_series(a: Anatomy, plan: SeriesPlan, attrs: np.ndarray, rng: np.rando
     coarse = COARSE_TEXTURE[labels] * _smooth_field(rng, labels.shape, cell=20.0 / plan.spacing)
     signal = lut[labels] * (1 + fine + coarse)
     boxes: list[list[tuple]] = [[] for _ in range(n)]
-    for lesion in (a.tumour, *a.satellites):
+    lesions = (a.tumour, *a.satellites) + ((a.second,) if a.second is not None else ())
+    for lesion in lesions:
         for k, box in _draw_lesion(signal, labels, a, lesion, plan, attrs, v, u, w, rng).items():
-            boxes[k].append(box)
+            boxes[k].append((*box, lesion.location))
     signal = _blur(signal)
     du = u[None, :] - a.column(v)[:, None]
     coil = 0.7 + 0.4 * _sigmoid((du + 40.0) / 40.0)  # spine coil under the back: posterior brighter
@@ -787,7 +877,7 @@ def _series_dataset(p: Patient, plan: SeriesPlan, seed: int, pixels: np.ndarray,
     ds.ManufacturerModelName = plan.model
     ds.InstitutionName = "Synthetic Spine Centre"
     ds.ReferringPhysicianName = ""
-    ds.StudyDescription = f"MR {REGIONS[p.location].body_part[0]}-SPINE"
+    ds.StudyDescription = f"MR {REGIONS[p.locations[0]].body_part[0]}-SPINE"
     ds.SeriesDescription = plan.description
     ds.ProtocolName = plan.description
     ds.PatientName = f"Synthetic^{p.patient_id[3:]}"
@@ -795,7 +885,7 @@ def _series_dataset(p: Patient, plan: SeriesPlan, seed: int, pixels: np.ndarray,
     ds.PatientBirthDate = ""
     ds.PatientSex = p.sex
     ds.PatientAge = f"{p.age:03d}Y"
-    ds.BodyPartExamined = REGIONS[p.location].body_part
+    ds.BodyPartExamined = REGIONS[p.locations[0]].body_part
     ds.ScanningSequence = "IR\\SE" if plan.kind == "STIR" else "SE"
     ds.SequenceVariant = "SK\\SP\\MP" if plan.kind == "STIR" else "SK\\SP"
     ds.ScanOptions = "FS" if plan.kind == "FS" else ""
@@ -829,14 +919,16 @@ def _series_dataset(p: Patient, plan: SeriesPlan, seed: int, pixels: np.ndarray,
     return ds
 
 
-def labelme(label: str, boxes: list[tuple[float, float, float, float]], image_path: str, rows: int, cols: int) -> dict:
-    """A LabelMe 5 document with one rectangle per box (x1, y1, x2, y2 in source pixels)."""
+def labelme(label: str, boxes: list[tuple[float, float, float, float, str]], image_path: str, rows: int, cols: int) -> dict:
+    """A LabelMe 5 document with one rectangle per box (x1, y1, x2, y2 in source pixels, vertebral
+    location of the lesion as the shape's description)."""
     return {
         "version": LABELME_VERSION,
         "flags": {},
         "shapes": [
-            {"label": label, "points": [[x1, y1], [x2, y2]], "group_id": None, "shape_type": "rectangle", "flags": {}}
-            for x1, y1, x2, y2 in boxes
+            {"label": label, "points": [[x1, y1], [x2, y2]], "group_id": None, "description": location,
+             "shape_type": "rectangle", "flags": {}}
+            for x1, y1, x2, y2, location in boxes
         ],
         "imagePath": image_path,
         "imageData": None,
@@ -885,7 +977,7 @@ def write_labels(out: Path, patients: list[Patient]) -> Path:
         writer = csv.writer(f)
         writer.writerow(["patient_id", "label", "age", "location", "split"])
         for p in patients:
-            writer.writerow([p.patient_id, LABELS[p.label], p.age, p.location, p.split])
+            writer.writerow([p.patient_id, LABELS[p.label], p.age, LOCATION_SEPARATOR.join(p.locations), p.split])
     return path
 
 
