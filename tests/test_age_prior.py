@@ -1,5 +1,6 @@
-"""The age module: smoothed P(malignant | age group)."""
+"""The age module: P(malignant | age group), smoothed where a group is sparse; its Fig. 5 figure."""
 
+import json
 import math
 
 import numpy as np
@@ -71,3 +72,87 @@ class TestAgePrior:
         """Patients of unknown age (NaN) do not count in any group."""
         prior = AgePrior.fit(np.array([10, float("nan"), 50]), np.array([0, 1, 1]), CFG)
         assert prior.patients == (1, 1, 0) and prior.overall == 0.5
+
+
+class TestSparseGroupsOnly:
+    """age.min_patients: dense groups take their raw rate (Fig. 5's statistic), sparse ones are smoothed."""
+
+    # groups [0, 40): 4 patients, 1 malignant; [40, 80): 5 patients, 4 malignant; 80+: 1 patient, malignant
+    AGES = np.array([10, 20, 30, 35, 45, 50, 60, 70, 75, 85])
+    LABELS = np.array([0, 0, 1, 0, 1, 1, 1, 0, 1, 1])
+
+    def test_hand_computed_rates(self):
+        """min_patients 4, alpha 2: 1/4 and 4/5 raw; the one-patient group (1 + 2 * 0.6) / (1 + 2)."""
+        cfg = AgePriorConfig(edges=(0, 40, 80), alpha=2.0, min_patients=4, balanced=False)
+        prior = AgePrior.fit(self.AGES, self.LABELS, cfg)
+        assert prior.patients == (4, 5, 1) and prior.malignant == (1, 4, 1) and prior.overall == pytest.approx(0.6)
+        assert prior.p_malignant == pytest.approx((0.25, 0.8, 2.2 / 3))
+        assert prior.smoothed() == (False, False, True)
+
+    def test_threshold_is_at_least(self):
+        """A group of exactly min_patients is raw; one more required and it is smoothed."""
+        at = AgePrior.fit(self.AGES, self.LABELS, AgePriorConfig(edges=(0, 40, 80), alpha=2.0, min_patients=5, balanced=False))
+        assert at(50) == pytest.approx(0.8) and at(20) == pytest.approx((1 + 2 * 0.6) / (4 + 2))
+
+    def test_balanced_applies_to_raw_rates(self):
+        """The equal-prior correction divides the class odds out of the raw rate too."""
+        cfg = AgePriorConfig(edges=(0, 40, 80), alpha=2.0, min_patients=4, balanced=True)
+        odds = (0.8 / 0.2) / (0.6 / 0.4)
+        assert AgePrior.fit(self.AGES, self.LABELS, cfg)(50) == pytest.approx(odds / (1 + odds))
+
+    def test_default_smooths_every_group_as_before(self):
+        """The default (None, the small profile) gives the smoothed prior of every group, as before the key."""
+        from wff.config import SMALL
+
+        assert SMALL.age.min_patients is None
+        prior = AgePrior.fit(self.AGES, self.LABELS, AgePriorConfig(edges=(0, 40, 80), alpha=2.0, balanced=False))
+        assert prior.p_malignant == pytest.approx(((1 + 1.2) / 6, (4 + 1.2) / 7, (1 + 1.2) / 3))
+        ages = np.repeat(np.arange(5, 95, 10), 3)  # three patients in each of the small profile's nine groups
+        labels = np.arange(ages.size) % 2
+        small = AgePrior.fit(ages, labels, SMALL.age)
+        overall = labels.mean()
+        for g, age in enumerate(range(5, 95, 10)):
+            rate = (labels[ages == age].sum() + 4 * overall) / (3 + 4)
+            odds = rate / (1 - rate) / (overall / (1 - overall))
+            assert small.p_malignant[g] == pytest.approx(odds / (1 + odds))
+
+    def test_paper_profile_uses_the_raw_statistic(self):
+        from wff.config import PAPER
+
+        assert PAPER.age.min_patients == 10 and PAPER.age.balanced is False
+        ages = np.concatenate([np.full(12, 65.0), np.full(3, 15.0)])
+        labels = np.array([1] * 9 + [0] * 3 + [0, 0, 1])
+        prior = AgePrior.fit(ages, labels, PAPER.age)
+        assert prior(65) == pytest.approx(9 / 12)  # 12 patients: raw
+        assert prior(15) == pytest.approx((1 + 4 * 10 / 15) / (3 + 4))  # 3 patients: smoothed
+
+    @pytest.mark.parametrize("value", [0, -3, 2.5, True])
+    def test_bad_min_patients_refused(self, value):
+        with pytest.raises(ValueError, match="age.min_patients"):
+            AgePriorConfig(min_patients=value)
+
+    def test_figure_written(self, tmp_path):
+        """The Fig. 5 PNG is written: a readable image of non-trivial size."""
+        cfg = AgePriorConfig(edges=(0, 40, 80), alpha=2.0, min_patients=4, balanced=False)
+        path = AgePrior.fit(self.AGES, self.LABELS, cfg).plot(tmp_path / "age_prior.png")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+        from matplotlib.image import imread
+
+        assert imread(path).shape[:2] == (480, 960)
+
+    def test_group_names(self):
+        prior = AgePrior.fit(self.AGES, self.LABELS, CFG)
+        assert prior.group_names() == ["0-40", "40-80", "80+"]
+
+    def test_new_fields_round_trip_and_old_files_load(self, tmp_path):
+        """min_patients and balanced survive save/load; a file without them (written before) loads as all-smoothed."""
+        cfg = AgePriorConfig(edges=(0, 40, 80), alpha=2.0, min_patients=4, balanced=False)
+        prior = AgePrior.fit(self.AGES, self.LABELS, cfg)
+        prior.save(tmp_path / "a.json")
+        assert AgePrior.load(tmp_path / "a.json") == prior
+        old = {k: v for k, v in prior.to_dict().items() if k not in ("min_patients", "balanced")}
+        (tmp_path / "old.json").write_text(json.dumps(old))
+        loaded = AgePrior.load(tmp_path / "old.json")
+        assert loaded.min_patients is None and loaded.balanced is None and loaded.p_malignant == prior.p_malignant
+        assert loaded.smoothed() == (True, True, True)
+        loaded.plot(tmp_path / "old.png")

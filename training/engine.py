@@ -13,15 +13,22 @@ MultiScale-SelfCutMix (wff.training.augment) on the
 positives. SGD with momentum, linear warm-up then cosine decay.
 
 Classifier samples (paper, "Sequence classification model"): per series, the largest labelled
-box (detector pixels) across the series is the region; an N-slice clip of it is built with
-wff.ensemble.crop (``expand_box`` with ``crop_margin``, ``clip_indices``, ``crop_clip``), the
-same functions the crop step serves with. The clip's centre slice is, with probability
-``random_slice_prob``, a random labelled slice; otherwise it is chosen "by DICOM index",
-read here as: the N-slice window's position is drawn uniformly over all positions in the
-series (slices in DICOM order) that still overlap the labelled slice range. Series are drawn
-with class-balanced rates (each class equally often; the paper's "different sample rates"),
-``clips_per_series`` draws per series per epoch. Light augmentation: box jitter, intensity
-gamma and scale. AdamW, linear warm-up then cosine decay.
+box (detector pixels) across the series is the region, cropped from N slices with
+wff.ensemble.crop (``expand_box`` with ``crop_margin``, ``crop_clip``), the functions the crop
+step serves with. ``classifier.clip_rule`` chooses the N slices:
+
+* ``"labelled"`` (the paper's rule, :func:`labelled_clip_indices`): the clip is made of the
+  series' labelled slices only. With probability ``random_slice_prob`` N of them are drawn at
+  random (kept in DICOM order); otherwise N consecutive entries of the labelled list, in DICOM
+  order, from a random start. A series with fewer than N labelled slices repeats them.
+* ``"window"``: N consecutive slices of the series, labelled or not (``clip_indices``), as the
+  crop step builds its clips at test time. The centre slice is, with probability
+  ``random_slice_prob``, a random labelled slice; otherwise "by DICOM index": the window's
+  position is drawn uniformly over all positions that still overlap the labelled slice range.
+
+Series are drawn with class-balanced rates (each class equally often; the paper's "different
+sample rates"), ``clips_per_series`` draws per series per epoch. Light augmentation: box
+jitter, intensity gamma and scale. AdamW, linear warm-up then cosine decay.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 
-from wff.config import Profile
+from wff.config import CLIP_RULES, ClassifierConfig, Profile
 from wff.ensemble.crop import clip_indices, crop_clip, expand_box
 from wff.ensemble.types import AnnotatedPatient
 from wff.training.augment import self_cutmix
@@ -300,6 +307,44 @@ def choose_centre(n_slices: int, labelled: np.ndarray, clip_len: int, random_sli
     return start + clip_len // 2
 
 
+def labelled_clip_indices(labelled: np.ndarray, clip_len: int, at_random: bool, rng: np.random.Generator) -> np.ndarray:
+    """Series-local slice indices of a clip built from the labelled slices only, in DICOM order.
+
+    ``labelled`` holds the series-local indices of the labelled slices, ascending. ``at_random``:
+    ``clip_len`` of them drawn at random without repetition; with fewer than ``clip_len`` labelled,
+    every labelled slice once and the rest drawn at random with repetition. Otherwise "by DICOM
+    index": ``clip_len`` consecutive entries of ``labelled`` from a random start; with fewer than
+    ``clip_len`` labelled, all of them repeated in order as ``clip_indices`` repeats a short
+    series (labelled 2, 5 and N = 4 give 2, 2, 5, 5). The result is sorted either way.
+    """
+    labelled = np.asarray(labelled, np.int64)
+    t = labelled.size
+    if t < 1:
+        raise ValueError("a labelled clip needs at least one labelled slice in the series")
+    if clip_len < 1:
+        raise ValueError(f"clip_len must be >= 1, got {clip_len}")
+    if at_random:
+        if t >= clip_len:
+            picks = rng.choice(t, size=clip_len, replace=False)
+        else:
+            picks = np.concatenate([np.arange(t), rng.choice(t, size=clip_len - t, replace=True)])
+        return labelled[np.sort(picks)]
+    if t >= clip_len:
+        start = int(rng.integers(0, t - clip_len + 1))
+        return labelled[start : start + clip_len]
+    return labelled[clip_indices(t, 0, clip_len)]
+
+
+def clip_slices(track: SeriesTrack, cfg: ClassifierConfig, rng: np.random.Generator) -> np.ndarray:
+    """Series-local slice indices of one training clip of ``track`` under ``cfg.clip_rule`` (module docstring)."""
+    if cfg.clip_rule == "labelled":
+        return labelled_clip_indices(track.labelled, cfg.clip_len, bool(rng.random() < cfg.random_slice_prob), rng)
+    if cfg.clip_rule == "window":
+        centre = choose_centre(len(track.members), track.labelled, cfg.clip_len, cfg.random_slice_prob, rng)
+        return clip_indices(len(track.members), centre, cfg.clip_len)
+    raise ValueError(f"classifier.clip_rule must be one of {CLIP_RULES}, got {cfg.clip_rule!r}")
+
+
 def _jitter(box: tuple[float, float, float, float], rng: np.random.Generator) -> tuple[float, float, float, float]:
     x1, y1, x2, y2 = box
     w, h = x2 - x1, y2 - y1
@@ -313,10 +358,10 @@ def training_clip(patient: AnnotatedPatient, track: SeriesTrack, profile: Profil
     """One (N, C, C) float32 clip of ``track`` built with wff.ensemble.crop, as the crop step does."""
     c = profile.classifier
     slices = patient.prepared.slices[track.members, 0]  # (n, S, S)
-    centre = choose_centre(len(track.members), track.labelled, c.clip_len, c.random_slice_prob, rng)
+    indices = clip_slices(track, c, rng)
     box = _jitter(track.box, rng) if augment else track.box
     box = expand_box(box, c.crop_margin, profile.image.size)
-    clip = crop_clip(slices, box, clip_indices(len(track.members), centre, c.clip_len), c.crop_size)
+    clip = crop_clip(slices, box, indices, c.crop_size)
     if augment:
         gamma = math.exp(rng.uniform(math.log(GAMMA_RANGE[0]), math.log(GAMMA_RANGE[1])))
         clip = np.power(np.clip(clip, 0.0, None), gamma) * rng.uniform(*INTENSITY_SCALE)
@@ -386,6 +431,8 @@ __all__ = [
     "detector_epoch",
     "series_tracks",
     "choose_centre",
+    "labelled_clip_indices",
+    "clip_slices",
     "training_clip",
     "balanced_draws",
     "save_checkpoint",

@@ -14,10 +14,11 @@ Steps, following the paper's protocol:
    (and, with ``fusion.det_threshold_grid``, the voting threshold);
 4. train the final detector and classifier on the whole training split;
 5. export both to ONNX, check ONNX Runtime against PyTorch, and write the artifacts:
-   profile.json, detector.pt, classifier.pt, detector.onnx, classifier.onnx, age_prior.json,
-   fusion.json, train_report.json, cv_components.json (the out-of-fold fusion inputs the weights
-   were chosen on) and, with train.save_fold_models, folds/fold<k>/{detector,classifier}.pt
-   (the fold models they came from; the server serves the final models only).
+   profile.json, detector.pt, classifier.pt, detector.onnx, classifier.onnx, age_prior.json
+   and its figure age_prior.png (the paper's Fig. 5), fusion.json, train_report.json,
+   cv_components.json (the out-of-fold fusion inputs the weights were chosen on) and, with
+   train.save_fold_models, folds/fold<k>/{detector,classifier}.pt (the fold models they came
+   from; the server serves the final models only).
 
 With ``detectors_from`` (``wff train --detectors-from``), every detector (each fold's and the
 final one) is taken from an earlier run's artifacts instead of being trained again, after
@@ -339,6 +340,7 @@ def run_training(
 
     profile.save(out / "profile.json")
     prior.save(out / "age_prior.json")
+    prior.plot(out / "age_prior.png")  # the age module as the paper's Fig. 5
     settings.save(out / "fusion.json")
     report["timings"]["total_s"] = round(time.perf_counter() - t_start, 1)
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")

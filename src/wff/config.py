@@ -25,6 +25,7 @@ LABELS = ("benign", "malignant")  # index = label id; malignant is the positive 
 DETECTOR_CLASSES = ("background", "benign", "malignant")  # Faster R-CNN class ids; 0 is background
 SEQUENCES = ("T1", "T2", "STIR")  # sagittal series types used by the paper (STIR ~ FS-T2WI)
 LOCATIONS = ("cervical", "thoracic", "lumbar", "sacral")  # Table 2 of the paper
+CLIP_RULES = ("window", "labelled")  # classifier.clip_rule values (training/engine.py)
 
 
 @dataclass(frozen=True)
@@ -76,17 +77,32 @@ class ClassifierConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     clips_per_series: int = 2  # training clips drawn per series and epoch
-    random_slice_prob: float = 0.5  # 50 % of clips centred on a random tumour slice, else by DICOM index
+    random_slice_prob: float = 0.5  # 50 % of clips from random tumour slices, else by DICOM index
+    # which slices make a training clip (training/engine.py): "window" (N consecutive slices of the series around
+    # a tumour slice, as served) | "labelled" (N of the labelled slices only, repeated when fewer: the paper's rule)
+    clip_rule: str = "window"
     # local 3D ResNeXt state dict of the classifier's architecture (docs/training.md); None: from scratch
     weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.clip_rule not in CLIP_RULES:
+            raise ValueError(f"classifier.clip_rule: {self.clip_rule!r} is not a clip rule; set one of {list(CLIP_RULES)}")
 
 
 @dataclass(frozen=True)
 class AgePriorConfig:
     edges: tuple[float, ...] = (0, 10, 20, 30, 40, 50, 60, 70, 80)  # group lower bounds, years
     alpha: float = 4.0  # pseudo-count pulling sparse groups towards the overall malignancy rate
+    # groups with at least this many training patients take their raw rate, sparser ones are smoothed with alpha;
+    # None: every group is smoothed
+    min_patients: int | None = None
     balanced: bool = True  # A under equal class priors (the training set's class mix divided out)
     max_age: float = 120.0  # ages outside [0, max_age] are rejected
+
+    def __post_init__(self) -> None:
+        n = self.min_patients
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"age.min_patients: {self.min_patients!r} is not a patient count; set an integer >= 1, or null to smooth every group")
 
 
 @dataclass(frozen=True)
@@ -299,7 +315,9 @@ PAPER = Profile(
         epochs=40,
         batch_size=16,
         lr=1e-3,
+        clip_rule="labelled",
     ),
+    age=AgePriorConfig(min_patients=10, balanced=False),
     train=TrainConfig(cv_folds=4, cv_epoch_scale=1.0),
 )
 
