@@ -190,15 +190,31 @@ def limited_artifacts(tmp_path_factory) -> Path:
     return write_artifacts(TINY.replace(serving=LIMITED_SERVING), tmp_path_factory.mktemp("limited-artifacts"))
 
 
-@pytest.fixture(scope="session")
-def limited_server(limited_artifacts, tmp_path_factory):
-    """One real tritonserver for the input-handling, decoding and log tests (its log file is read by them)."""
+def serve_embedded(artifacts: Path, tmp_path_factory, folder: str, serving=None, **options):
+    """A real tritonserver on free ports serving an embedded repository built from ``artifacts`` in a new temporary
+    ``folder`` (with ``serving`` settings, when given), while the generator is open: ``yield from`` it in a fixture.
+    ``options`` go to TritonServer (TLS, log_verbose, ...)."""
     from wff.serving.repository import build_repository
     from wff.serving.server import TritonServer
 
-    repo = build_repository(tmp_path_factory.mktemp("limited") / "repository", "embedded", limited_artifacts)
-    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, log_verbose=1) as server:
+    repo = build_repository(tmp_path_factory.mktemp(folder) / "repository", "embedded", artifacts, serving=serving)
+    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, **options) as server:
         yield server
+
+
+def embedded_server(folder: str, artifacts: str = "tiny_artifacts", scope: str = "module", **options):
+    """A fixture of :func:`serve_embedded` over the artifacts fixture named ``artifacts``, e.g. in a test module
+    ``server = embedded_server("served")``: one tritonserver for the module."""
+
+    def fixture(request, tmp_path_factory):
+        yield from serve_embedded(request.getfixturevalue(artifacts), tmp_path_factory, folder, **options)
+
+    fixture.__doc__ = f"A real tritonserver with the {artifacts} models ({folder}), one per {scope}."
+    return pytest.fixture(scope=scope)(fixture)
+
+
+# one real tritonserver for the input-handling, decoding and log tests (its log file is read by them)
+limited_server = embedded_server("limited", "limited_artifacts", "session", log_verbose=1)
 
 
 @pytest.fixture(scope="module")

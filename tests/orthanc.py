@@ -14,8 +14,6 @@ The ``orthanc`` fixture is one server per test module: import it into a test mod
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from wff.processes import free_port
+from wff.processes import free_port, stop_process_group
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -106,14 +104,8 @@ class Orthanc:
         raise RuntimeError(f"Orthanc did not answer GET /system within {START_TIMEOUT_S:.0f} s; its log:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None:
+            stop_process_group(self.process, STOP_TIMEOUT_S)
 
     def __enter__(self) -> "Orthanc":
         return self.start()

@@ -16,15 +16,13 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 from click.testing import CliRunner
-from conftest import write_dicom_patient
+from conftest import serve_embedded, write_dicom_patient
 from tritonclient.utils import InferenceServerException
 
 from wff.cli import main
 from wff.client import evaluate as evaluate_module
 from wff.client.grpc_client import GRPC_FRAMING_BYTES, build_inputs, channel_kwargs, read_patient_files
 from wff.contracts import ENSEMBLE_NAME
-from wff.serving.repository import build_repository
-from wff.serving.server import TritonServer
 
 TIMEOUT = "30"  # --timeout of the commands, seconds
 
@@ -63,10 +61,8 @@ def pki(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def mtls_server(limited_artifacts, pki, tmp_path_factory):
-    repo = build_repository(tmp_path_factory.mktemp("mtls") / "repository", "embedded", limited_artifacts)
-    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, tls_cert=pki["server_cert"], tls_key=pki["server_key"],
-                      tls_client_ca=pki["ca"]) as server:
-        yield server
+    yield from serve_embedded(limited_artifacts, tmp_path_factory, "mtls", tls_cert=pki["server_cert"], tls_key=pki["server_key"],
+                              tls_client_ca=pki["ca"])
 
 
 def tls_args(pki, client: str = "client") -> list[str]:

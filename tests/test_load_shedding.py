@@ -13,12 +13,11 @@ import dataclasses
 import time
 
 import pytest
+from conftest import serve_embedded
 
 from wff.client.grpc_client import AsyncDiagnosisClient, DiagnosisClient, ServerBusy, read_patient_files
 from wff.config import load_profile
 from wff.ensemble.diagnosis import Diagnosis
-from wff.serving.repository import build_repository
-from wff.serving.server import TritonServer
 
 FLOOD = 24  # concurrent patients, far beyond what one instance per step and the tiny queues hold
 TIMEOUT_S = 60  # client timeout: a request that waits this long is the unbounded latency shedding prevents
@@ -35,8 +34,7 @@ def shedding_server(request, limited_artifacts, tmp_path_factory):
     """(server, the message Triton sheds with) for one tiny queue policy."""
     queue, message = POLICIES[request.param]
     serving = dataclasses.replace(load_profile(limited_artifacts / "profile.json").serving, **ONE_INSTANCE, **queue)
-    repo = build_repository(tmp_path_factory.mktemp("shedding") / "repository", "embedded", limited_artifacts, serving=serving)
-    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0) as server:
+    for server in serve_embedded(limited_artifacts, tmp_path_factory, "shedding", serving=serving):
         yield server, message
 
 

@@ -26,15 +26,13 @@ import pydicom
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import write_dicom_patient
+from conftest import embedded_server, write_dicom_patient
 from orthanc import Orthanc, orthanc  # noqa: F401  (fixture)
 from pydicom.sr.coding import Code
 
 from wff.cli import main
 from wff.pacs.dicomweb import multipart_parts
-from wff.processes import free_port
-from wff.serving.repository import build_repository
-from wff.serving.server import TritonServer
+from wff.processes import free_port, stop_process_group
 
 GATEWAY_AE = "SPINE_WFF"
 MODALITY = "gateway"  # the gateway's name in Orthanc's DicomModalities
@@ -119,22 +117,13 @@ class PacsProcess:
         self.process.wait(10)
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                raise AssertionError(f"wff pacs {self.args[0]} did not stop on SIGTERM within 20 s:\n{self.log()}") from None
-        return self.process.returncode
+        code, killed = stop_process_group(self.process, 20)
+        if killed:
+            raise AssertionError(f"wff pacs {self.args[0]} did not stop on SIGTERM within 20 s:\n{self.log()}")
+        return code
 
 
-@pytest.fixture(scope="module")
-def server(tiny_artifacts, tmp_path_factory):
-    """One real tritonserver with the tiny profile's models for this module."""
-    repo = build_repository(tmp_path_factory.mktemp("pacs-repo") / "repository", "embedded", tiny_artifacts)
-    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0) as triton:
-        yield triton
+server = embedded_server("pacs-repo")
 
 
 @pytest.fixture(scope="module")

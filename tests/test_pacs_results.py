@@ -23,7 +23,7 @@ import numpy as np
 import pydicom
 import pytest
 from click.testing import CliRunner
-from conftest import TINY, dicom_slice, make_classifier_onnx, write_dicom_patient
+from conftest import TINY, dicom_slice, embedded_server, make_classifier_onnx, write_dicom_patient
 from pydicom.sr.codedict import codes
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 from test_dicom_series import enhanced_mr_bytes
@@ -511,13 +511,7 @@ class TestDiagnoseSrOffline:
 # -------------------------------------------------------------------------------------- served (tritonserver)
 
 
-@pytest.fixture(scope="module")
-def served(tiny_artifacts, tmp_path_factory):
-    from wff.serving.server import TritonServer
-
-    repo = build_repository(tmp_path_factory.mktemp("pacs-results") / "repository", "embedded", tiny_artifacts)
-    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0) as server:
-        yield server
+served = embedded_server("pacs-results")
 
 
 @pytest.mark.server

@@ -12,13 +12,12 @@ import time
 
 import numpy as np
 import pytest
+from conftest import serve_embedded
 
 from wff.client.grpc_client import DiagnosisClient, read_patient_files
 from wff.client.metrics import fetch_metrics, per_model
 from wff.config import SMALL
 from wff.ensemble.pipeline import Pipeline
-from wff.serving.repository import build_repository
-from wff.serving.server import TritonServer
 from wff.training.dataset import load_records
 from wff.training.synth import synthesize_dataset
 from wff.training.train import run_training
@@ -47,9 +46,7 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(trained, tmp_path_factory):
     _, artifacts = trained
-    repo = build_repository(tmp_path_factory.mktemp("repo") / "repository", "embedded", artifacts=artifacts)
-    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0) as server:
-        yield server
+    yield from serve_embedded(artifacts, tmp_path_factory, "repo")
 
 
 def settled_counts(url: str) -> dict:

@@ -24,7 +24,7 @@ from wff.client.metrics import fetch_metrics, per_model
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
 from click.testing import CliRunner
-from conftest import TINY, write_dicom_patient
+from conftest import TINY, embedded_server, write_dicom_patient
 
 from wff.cli import main
 from wff.client.grpc_client import DiagnosisClient, RejectedInput, read_patient_files
@@ -32,8 +32,7 @@ from wff.contracts import ENSEMBLE_NAME, contracts_for
 from wff.ensemble.pipeline import Pipeline
 from wff.ensemble.types import InputError
 from wff.serving.repository import build_repository
-from wff.processes import child_pids, free_port, process_name
-from wff.serving.server import TritonServer
+from wff.processes import child_pids, free_port, process_name, stop_process_group
 
 C = contracts_for(TINY)
 PARITY_ATOL = 1e-5  # same code, same ONNX Runtime settings; only float summation order may differ
@@ -41,11 +40,7 @@ STARTUP_LIMIT_S = 60.0
 METRICS_SETTLE_S = 5.0
 
 
-@pytest.fixture(scope="module")
-def server(tiny_artifacts, tmp_path_factory):
-    repo = build_repository(tmp_path_factory.mktemp("served") / "repository", "embedded", tiny_artifacts)
-    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0) as s:
-        yield s
+server = embedded_server("served")
 
 
 @pytest.fixture(scope="module")
@@ -312,3 +307,56 @@ def test_serve_stops_a_starting_server_on_sigterm(tiny_artifacts, tmp_path):
             proc.wait()
     assert proc.returncode == 0 and "SIGTERM while tritonserver was starting: stopped it" in out, out
     assert stopped_s < 10 and not [p for p in starting if Path(f"/proc/{p}").exists()]
+
+
+class TestStopProcessGroup:
+    """wff.processes.stop_process_group, which TritonServer.stop and the tests' Orthanc and gateway processes use."""
+
+    @staticmethod
+    def start(script: str) -> subprocess.Popen:
+        process = subprocess.Popen(["bash", "-c", script], start_new_session=True, stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "ready"  # its traps are set
+        return process
+
+    @staticmethod
+    def sleeping_child(process: subprocess.Popen) -> int:
+        """The pid of the leader's background `sleep`, once it runs sleep (a forked child is bash until its exec)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            found = [pid for pid in child_pids(process.pid) if process_name(pid) == "sleep"]
+            if found:
+                return found[0]
+            time.sleep(0.01)
+        raise AssertionError("the background sleep did not start")
+
+    def test_sigterm_stops_the_whole_group(self):
+        """The group's leader and its background child both get SIGTERM; no kill needed."""
+        process = self.start("sleep 60 & echo ready; wait")
+        child = self.sleeping_child(process)
+        assert stop_process_group(process, 10) == (-signal.SIGTERM, False)
+        deadline = time.monotonic() + 10
+        while process_name(child) == "sleep" and time.monotonic() < deadline:  # reaped by init, then gone
+            time.sleep(0.01)
+        assert process_name(child) != "sleep"
+
+    def test_leader_only_leaves_its_children_to_it(self):
+        """term_group=False: SIGTERM reaches the leader alone, so a child it does not stop outlives it."""
+        process = self.start("sleep 60 & echo ready; wait")
+        child = self.sleeping_child(process)
+        try:
+            assert stop_process_group(process, 10, term_group=False) == (-signal.SIGTERM, False)
+            time.sleep(0.2)
+            assert process_name(child) == "sleep"
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+
+    def test_a_process_ignoring_sigterm_is_killed(self):
+        process = self.start("trap '' TERM; echo ready; while true; do sleep 0.1; done")
+        started = time.monotonic()
+        assert stop_process_group(process, 0.5) == (-signal.SIGKILL, True)
+        assert time.monotonic() - started < 5
+
+    def test_an_exited_process_is_only_reaped(self):
+        process = subprocess.Popen(["true"], start_new_session=True)
+        process.wait()
+        assert stop_process_group(process, 0.1) == (0, False)

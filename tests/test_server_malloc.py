@@ -17,7 +17,7 @@ from wff.client.grpc_client import DiagnosisClient, read_patient_files
 from wff.config import ServingConfig
 from wff.serving import server as server_mod
 from wff.serving.repository import build_repository
-from wff.serving.server import ServerError, TritonServer, prepare_backends, resolve_malloc, server_malloc_for, wrap_backends
+from wff.serving.server import ServerError, TritonServer, prepare_backends, repository_serving, resolve_malloc, wrap_backends
 
 
 def loaded_library(fragment: str) -> Path:
@@ -60,9 +60,8 @@ class TestResolve:
         serving = load_profile(tiny_artifacts / "profile.json").serving
         repo = build_repository(tmp_path / "repo", "embedded", tiny_artifacts,
                                 serving=dataclasses.replace(serving, server_malloc="glibc", server_malloc_conf="narenas:1"))
-        assert server_malloc_for(repo) == ("glibc", "narenas:1", ServingConfig().stub_malloc_tunables)
-        defaults = ServingConfig()
-        assert server_malloc_for(tmp_path) == ("auto", defaults.server_malloc_conf, defaults.stub_malloc_tunables)  # no profile
+        assert repository_serving(repo) == dataclasses.replace(serving, server_malloc="glibc", server_malloc_conf="narenas:1")
+        assert repository_serving(tmp_path) == ServingConfig()  # no profile
 
     def test_default_conf_is_valid_for_jemalloc(self):
         """jemalloc prints "<jemalloc>: Invalid conf ..." for an option it does not know, and carries on with its defaults."""

@@ -19,6 +19,7 @@ import urllib.request
 import pytest
 import tritonclient.grpc as grpcclient
 from click.testing import CliRunner
+from conftest import serve_embedded
 from tritonclient.utils import InferenceServerException
 
 from wff.cli import main
@@ -88,10 +89,8 @@ def certificate(tmp_path_factory) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def tls_server(tiny_artifacts, certificate, tmp_path_factory):
-    repo = build_repository(tmp_path_factory.mktemp("tls-served") / "repository", "embedded", tiny_artifacts)
     cert, key = certificate
-    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, tls_cert=cert, tls_key=key, restrict_repository_api=True) as server:
-        yield server
+    yield from serve_embedded(tiny_artifacts, tmp_path_factory, "tls-served", tls_cert=cert, tls_key=key, restrict_repository_api=True)
 
 
 @pytest.mark.server

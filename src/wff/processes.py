@@ -1,14 +1,18 @@
-"""Processes, memory and sockets of this machine, read from /proc; and a free TCP port.
+"""Processes, memory and sockets of this machine, read from /proc; a free TCP port; stopping a process group.
 
-Used by the server (its backend stubs, binding checks), by ``wff soak`` and ``wff bench`` (the
-memory of a server they did not start) and by the tests. Linux only; nothing here knows Triton.
+Used by the server (its backend stubs, binding checks, stopping tritonserver), by ``wff soak`` and
+``wff bench`` (the memory of a server they did not start) and by the tests. Linux only; nothing here
+knows Triton.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import signal
 import socket
+import subprocess
 from pathlib import Path
 
 
@@ -17,6 +21,26 @@ def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((address, 0))
         return s.getsockname()[1]
+
+
+def stop_process_group(process: subprocess.Popen, timeout_s: float, term_group: bool = True) -> tuple[int, bool]:
+    """Stop ``process``, started with ``start_new_session=True`` (it leads its own process group): SIGTERM to the
+    group (to the process alone when not ``term_group``, for a leader that stops its children itself), wait up to
+    ``timeout_s``, then SIGKILL the whole group. Returns (exit code, whether it had to be killed); a process that
+    has already exited is only reaped."""
+    if process.poll() is not None:
+        return process.returncode, False
+    with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
+        if term_group:
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout_s), False
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        return process.wait(), True
 
 
 def child_pids(pid: int, recursive: bool = True) -> list[int]:

@@ -68,7 +68,6 @@ import logging
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -80,9 +79,12 @@ import uuid
 from collections import Counter, deque
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-from wff.processes import child_pids, free_port, process_name, process_tree_rss
+from wff.processes import child_pids, free_port, process_name, process_tree_rss, stop_process_group
+
+if TYPE_CHECKING:
+    from wff.config import ServingConfig
 
 log = logging.getLogger(__name__)
 
@@ -227,14 +229,13 @@ def shm_bytes_for(repository: Path) -> int:
     return int(-(-need // (8 * MIB)) * 8 * MIB)
 
 
-def server_malloc_for(repository: Path) -> tuple[str, str, str]:
-    """``serving.server_malloc``, ``serving.server_malloc_conf`` and ``serving.stub_malloc_tunables`` of the
-    repository's profile (the defaults without one)."""
-    profile = _repository_profile(repository)
+def repository_serving(repository: Path) -> ServingConfig:
+    """The serving section of the repository's profile (the defaults without one): what the server takes its
+    allocator settings (server_malloc, server_malloc_conf, stub_malloc_tunables) from."""
     from wff.config import ServingConfig
 
-    serving = profile.serving if profile is not None else ServingConfig()
-    return serving.server_malloc, serving.server_malloc_conf, serving.stub_malloc_tunables
+    profile = _repository_profile(repository)
+    return profile.serving if profile is not None else ServingConfig()
 
 
 def find_jemalloc() -> Path | None:
@@ -314,8 +315,9 @@ class TritonServer:
         self.shm_default_bytes = shm_default_bytes or shm_bytes_for(self.repository)
         self.shm_growth_bytes = shm_growth_bytes
         self.exit_timeout_s = exit_timeout_s
-        profile_malloc, self.server_malloc_conf, self.stub_malloc_tunables = server_malloc_for(self.repository)
-        self.server_malloc = server_malloc if server_malloc is not None else profile_malloc
+        serving = repository_serving(self.repository)
+        self.server_malloc_conf, self.stub_malloc_tunables = serving.server_malloc_conf, serving.stub_malloc_tunables
+        self.server_malloc = server_malloc if server_malloc is not None else serving.server_malloc
         self.server_preload = resolve_malloc(self.server_malloc)
         if self.server_preload is None:
             log.warning(GLIBC_WARNING, self.server_malloc)
@@ -586,14 +588,10 @@ class TritonServer:
         with self._stop_lock:  # a second caller waits until tritonserver has exited, then finds nothing to stop
             proc, code = self.process, None
             if proc is not None:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(timeout_s)
-                    except subprocess.TimeoutExpired:
-                        log.warning("tritonserver did not stop in %.0f s; killing its process group", timeout_s)
-                        os.killpg(proc.pid, signal.SIGKILL)  # the server and its backend stubs
-                code = proc.wait()
+                # SIGTERM to tritonserver alone (it stops its backend stubs); SIGKILL reaches the stubs too
+                code, killed = stop_process_group(proc, timeout_s, term_group=False)
+                if killed:
+                    log.warning("tritonserver did not stop in %.0f s; its process group was killed", timeout_s)
                 self.process = None
                 log.info("tritonserver stopped (exit code %s)", code)
         if self._watchdog is not None and self._watchdog is not threading.current_thread():
