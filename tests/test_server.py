@@ -38,6 +38,7 @@ C = contracts_for(TINY)
 PARITY_ATOL = 1e-5  # same code, same ONNX Runtime settings; only float summation order may differ
 STARTUP_LIMIT_S = 60.0
 METRICS_SETTLE_S = 5.0
+LOG_SETTLE_S = 5.0
 
 
 server = embedded_server("served")
@@ -113,6 +114,9 @@ class TestServer:
             with pytest.raises(Exception, match="crop: internal error") as e:
                 c.infer("crop", inputs)
         assert "INTERNAL" in str(e.value.status())
+        deadline = time.monotonic() + LOG_SETTLE_S  # the stub's log line reaches the server log a moment after the reply
+        while "crop_boxes has 2 rows for 3 slices" not in server.log_file.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert "crop_boxes has 2 rows for 3 slices" in server.log_file.read_text()
         assert server.is_healthy()
 
