@@ -3,6 +3,7 @@ studies are new, what WADO-RS retrieval returns, and the memory of what was take
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 
@@ -23,17 +24,22 @@ def empty(orthanc):
     orthanc.clear()
 
 
-def upload_study(orthanc, series: int = 2, slices: int = 3, modality: str = "MR") -> tuple[str, dict[str, bytes]]:
-    """A synthetic study uploaded through Orthanc's REST API: (StudyInstanceUID, {SOPInstanceUID: bytes})."""
+def upload_study(orthanc, series: int = 2, slices: int = 3, modality: str = "MR",
+                 study_date: str | None = None) -> tuple[str, dict[str, bytes]]:
+    """A synthetic study uploaded through Orthanc's REST API: (StudyInstanceUID, {SOPInstanceUID: bytes}).
+    Without ``study_date`` its instances have no StudyDate."""
     uids = {"study": generate_uid(), **{s + 1: generate_uid() for s in range(series)}}
     files = {}
     for s in range(1, series + 1):
         for i in range(slices):
             data = dicom_slice(np.full((8, 8), 10 * i + s), s, f"SAG {s}", i, 60, uids)
-            if modality != "MR":
+            if modality != "MR" or study_date is not None:
                 ds = pydicom.dcmread(io.BytesIO(data))
-                ds.Modality, ds.SOPClassUID = modality, pydicom.uid.CTImageStorage
-                ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+                if study_date is not None:
+                    ds.StudyDate = study_date
+                if modality != "MR":
+                    ds.Modality, ds.SOPClassUID = modality, pydicom.uid.CTImageStorage
+                    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
                 buffer = io.BytesIO()
                 ds.save_as(buffer, enforce_file_format=True)
                 data = buffer.getvalue()
@@ -94,6 +100,35 @@ class TestNewStudiesAndRetrieve:
         orthanc.upload(late)
         assert source.new_studies() == [study]
         assert sorted(sop_uid(data) for _, data in source.retrieve(study)) == sorted([*files, sop_uid(late)])
+
+
+class TestSince:
+    @pytest.fixture
+    def dated(self, orthanc) -> dict[str, str]:
+        """Three MR studies in Orthanc: dated 2024-01-05, 2024-01-15, and one without StudyDate."""
+        return {name: upload_study(orthanc, series=1, slices=1, study_date=date)[0]
+                for name, date in (("early", "20240105"), ("late", "20240115"), ("undated", None))}
+
+    def test_a_date_takes_the_studies_from_that_day_on(self, orthanc, dated):
+        """--since YYYYMMDD: the study dated before is not listed; one dated that very day is; one without StudyDate is
+        not (it matches no date range); without --since all three are."""
+        assert DicomwebSource(orthanc.dicomweb, since="20240110").new_studies() == [dated["late"]]
+        assert DicomwebSource(orthanc.dicomweb, since="20240115").new_studies() == [dated["late"]]
+        assert DicomwebSource(orthanc.dicomweb, since="20240116").new_studies() == []
+        assert sorted(DicomwebSource(orthanc.dicomweb).new_studies()) == sorted(dated.values())
+
+    def test_days_count_back_from_today_at_each_listing(self, orthanc, dated):
+        """--since 7d on 2024-01-20 lists from 2024-01-13 on (the later study only); the same source on 2024-01-23
+        lists from 2024-01-16 on: nothing. 0d is today only."""
+        today = [dt.date(2024, 1, 20)]
+        source = DicomwebSource(orthanc.dicomweb, since="7d", today=lambda: today[0])
+        assert source.since_date() == "20240113"
+        assert source.new_studies() == [dated["late"]]
+        assert len(source.retrieve(dated["late"])) == 1
+        today[0] = dt.date(2024, 1, 23)
+        assert source.new_studies() == []
+        on_the_day = DicomwebSource(orthanc.dicomweb, since="0d", today=lambda: dt.date(2024, 1, 15))
+        assert on_the_day.new_studies() == [dated["late"]]
 
 
 class TestStateFile:

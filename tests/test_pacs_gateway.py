@@ -44,7 +44,7 @@ from wff.pacs.uids import derived_uid
 
 PATIENT_NAME, PATIENT_ID = "Doe^Janet", "PID-4711-XYZ"  # identifiers that must never reach the audit log
 SCP_AE, ALLOWED_AE = "SPINE_WFF", "MODALITY1"
-WAIT_S = 10.0  # longest wait for an association's files to reach the spool after its release
+WAIT_S = 10.0  # longest wait for an association's end to be handled, or a study to be diagnosed
 
 
 # ---------------------------------------------------------------- fakes and helpers
@@ -253,6 +253,18 @@ class TestSettings:
         with pytest.raises(ValueError, match="not both"):
             make_settings(tmp_path, stow="http://pacs/dicom-web")
 
+    @pytest.mark.parametrize("since, message", [("24h", "StudyDate has no time of day"), ("20241340", "not a calendar date"),
+                                                ("2024-01-01", "give a date YYYYMMDD"), ("d", "give a date YYYYMMDD")])
+    def test_bad_since(self, tmp_path, since, message):
+        """--since takes YYYYMMDD or Nd; anything else is refused, naming the forms."""
+        with pytest.raises(ValueError, match=f"--since '{since}'.*{message}"):
+            make_settings(tmp_path, since=since)
+
+    def test_bad_since_is_a_usage_error(self, tmp_path):
+        done = subprocess.run([sys.executable, "-m", "wff", "pacs", "watch", "--dicomweb", "http://127.0.0.1:1/dicom-web",
+                               "--since", "7days", "--state", str(tmp_path)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "--since '7days': give a date YYYYMMDD (e.g. 20240101) or a number of days Nd" in done.stderr
+
     def test_retry_pause_doubles_up_to_the_maximum(self, tmp_path):
         """Pauses 5, 10, 20, 40, then capped at retry_max_s (40)."""
         settings = make_settings(tmp_path)
@@ -333,6 +345,23 @@ class TestCompleteness:
         settle(gateway, clock)
         state = gateway.studies[uid_of(study[0])]
         assert (state.version, len(state.instances), len(diagnose.calls)) == (2, 3, 2)
+
+    def test_open_association_holds_the_quiet_rule_but_not_max_wait(self, tmp_path, study):
+        """A study held by an open association is not quiet however long since its last instance; unheld it is.
+        Max wait applies while held."""
+        clock = Clock()
+        gateway = make_gateway(tmp_path, clock=clock)
+        uid = uid_of(study[0])
+        gateway.hold(uid)
+        feed(gateway, study)
+        assert settle(gateway, clock) == 0
+        gateway.unhold([uid])
+        assert gateway.due() == [uid]
+        other = make_gateway(tmp_path / "b", clock=clock)
+        other.hold(uid)
+        feed(other, study)
+        clock.advance(other.settings.max_wait_s)
+        assert other.due() == [uid]
 
     def test_instance_during_diagnosis_supersedes_its_result(self, tmp_path):
         """An instance stored while the study is being diagnosed: that result is dropped, the next one has every instance."""
@@ -474,14 +503,15 @@ class TestRestart:
         clock = Clock()
         first = make_gateway(tmp_path, clock=clock)
         feed(first, study)
-        leftover = first.spool.new_incoming()
-        first.spool.write_incoming(leftover, "000000.dcm", study[0])  # an association that was never released
+        leftover = first.spool.incoming / "0123456789abcdef.tmp"  # a write the crash interrupted
+        leftover.write_bytes(study[0][:1000])
         first.close()  # as the process ending would
         clock.advance(11)
         diagnose, sender = FakeDiagnose(), FakeSender()
         second = make_gateway(tmp_path, diagnose, sender, clock)
         assert second.recover() == {RECEIVED: 1, DIAGNOSED: 0, STORED: 0, DEAD_LETTER: 0}
-        assert not leftover.exists()
+        assert not leftover.exists() and not list(second.spool.incoming.iterdir())
+        assert audit_lines(second)[-1]["unfinished_writes"] == 1
         second.poll()
         assert second.studies[uid_of(study[0])].status == STORED and len(diagnose.calls[0][0]) == 3 and len(sender.sent) == 1
 
@@ -651,29 +681,74 @@ def instances_of(gateway: Gateway) -> int:
     return sum(len(s.instances) for s in gateway.studies.values())
 
 
+def on_disk(gateway: Gateway, study_uid: str) -> dict:
+    """The study's instances as its state file on disk lists them, each file present ({} without a state file)."""
+    folder = gateway.spool.study_dir(study_uid)
+    if not (folder / "state.json").exists():
+        return {}
+    instances = json.loads((folder / "state.json").read_text())["instances"]
+    assert all((folder / "instances" / item["file"]).exists() for item in instances.values())
+    return instances
+
+
 class TestStoreSCP:
-    def test_allowed_ae_released_association_is_kept(self, scp_gateway, study):
-        """MR instances from the allowed AE: 0x0000 each, and in the spool once the association is released."""
-        gateway, scp = scp_gateway()
+    def test_each_instance_is_on_disk_when_answered(self, scp_gateway, study):
+        """MR instances from the allowed AE: each answered 0x0000 only once its file and the study's state are on
+        disk (before the release); the study waits for the association's end, then for the quiet time."""
+        gateway, scp = scp_gateway(quiet_seconds=0.2)
         assoc = associate(scp.port)
         assert assoc.is_established
-        statuses = [assoc.send_c_store(pydicom.dcmread(io.BytesIO(d))).Status for d in study]
-        assert statuses == [0x0000] * 3
-        assert instances_of(gateway) == 0  # nothing before the release
+        for n, data in enumerate(study, start=1):
+            assert assoc.send_c_store(pydicom.dcmread(io.BytesIO(data))).Status == 0x0000
+            assert len(on_disk(gateway, uid_of(data))) == n
+        time.sleep(0.5)
+        assert gateway.poll() == 0  # quiet for longer than 0.2 s, but the association is open
         assoc.release()
-        assert wait_for(lambda: instances_of(gateway) == 3)
+        assert wait_for(lambda: any(e["event"] == "association" for e in audit_lines(gateway)))
+        assert wait_for(lambda: gateway.poll() and gateway.studies[uid_of(study[0])].status == STORED)
         assert not list(gateway.spool.incoming.iterdir())
         assert gateway.metrics.value("wff_pacs_instances_received_total", source="dimse") == 3
+        association = next(e for e in audit_lines(gateway) if e["event"] == "association")
+        assert (association["instances"], association["kept"], association["refused"]) == (3, 3, 0)
 
-    def test_aborted_association_is_dropped(self, scp_gateway, study):
-        """Instances stored in an association that is then aborted never reach the spool."""
-        gateway, scp = scp_gateway()
+    def test_aborted_association_keeps_what_was_answered(self, scp_gateway, study):
+        """Instances answered 0x0000, then the sender aborts: they stay, the audit line counts them, the study is
+        diagnosed and its results sent after the quiet time."""
+        gateway, scp = scp_gateway(quiet_seconds=0.2)
         assoc = associate(scp.port)
-        assert [assoc.send_c_store(pydicom.dcmread(io.BytesIO(d))).Status for d in study] == [0x0000] * 3
-        assert len(list(gateway.spool.incoming.rglob("*.dcm"))) == 3
+        assert [assoc.send_c_store(pydicom.dcmread(io.BytesIO(d))).Status for d in study[:2]] == [0x0000] * 2
         assoc.abort()
-        assert wait_for(lambda: not list(gateway.spool.incoming.iterdir()))
-        assert gateway.studies == {} and any(e["event"] == "association-dropped" for e in audit_lines(gateway))
+        dropped = wait_for(lambda: [e for e in audit_lines(gateway) if e["event"] == "association-dropped"])
+        uid = uid_of(study[0])
+        assert instances_of(gateway) == 2 and len(on_disk(gateway, uid)) == 2
+        assert (dropped[0]["instances"], dropped[0]["kept"]) == (2, 2)
+        assert wait_for(lambda: gateway.poll() and gateway.studies[uid].status == STORED)
+        assert len(gateway._diagnose.calls[0][0]) == 2 and len(on_disk(gateway, uid)) == 2
+
+    def test_failed_write_answers_out_of_resources(self, scp_gateway, study, monkeypatch):
+        """The instance file cannot be written: 0xA700 and nothing taken. The state file cannot be written: 0xA700;
+        the same instance sent again is answered 0x0000 only once the state is on disk."""
+        gateway, scp = scp_gateway()
+        real_put, real_save = gateway.spool.put_instance, gateway.spool.save
+
+        def disk_full(*args):
+            raise OSError(28, "No space left on device")
+
+        assoc = associate(scp.port)
+        first = pydicom.dcmread(io.BytesIO(study[0]))
+        monkeypatch.setattr(gateway.spool, "put_instance", disk_full)
+        assert assoc.send_c_store(first).Status == 0xA700
+        assert gateway.studies == {}
+        monkeypatch.setattr(gateway.spool, "put_instance", real_put)
+        monkeypatch.setattr(gateway.spool, "save", disk_full)
+        assert assoc.send_c_store(first).Status == 0xA700
+        assert on_disk(gateway, uid_of(study[0])) == {}
+        monkeypatch.setattr(gateway.spool, "save", real_save)
+        assert assoc.send_c_store(first).Status == 0x0000
+        assert list(on_disk(gateway, uid_of(study[0]))) == [first.SOPInstanceUID]
+        assoc.release()
+        association = wait_for(lambda: [e for e in audit_lines(gateway) if e["event"] == "association"])
+        assert (association[0]["instances"], association[0]["refused"]) == (1, 2)
 
     def test_other_calling_ae_is_rejected(self, scp_gateway):
         """A-ASSOCIATE-RJ rejected-permanent, service-user, calling AE title not recognised."""
@@ -767,12 +842,13 @@ class TestDcmtk:
         refused = self._storescu(scp.port, files, calling="INTRUDER")
         assert refused.returncode != 0 and "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
 
-    def test_storescu_abort_keeps_nothing(self, scp_gateway, files):
+    def test_storescu_abort_keeps_what_was_answered(self, scp_gateway, files):
+        """storescu --abort ends with an A-ABORT after its C-STOREs were answered: every instance is kept."""
         gateway, scp = scp_gateway()
         done = self._storescu(scp.port, files, "--abort")
         assert done.returncode == 0, done.stderr
-        assert wait_for(lambda: any(e["event"] == "association-dropped" for e in audit_lines(gateway)))
-        assert gateway.studies == {} and not list(gateway.spool.incoming.iterdir())
+        dropped = wait_for(lambda: [e for e in audit_lines(gateway) if e["event"] == "association-dropped"])
+        assert instances_of(gateway) == 3 and dropped[0]["kept"] == 3
 
     def test_storescu_non_mr_is_refused(self, scp_gateway, tmp_path, study):
         """A CT file: no presentation context is accepted for it, storescu reports the failure."""
@@ -867,31 +943,41 @@ class TestListenCommand:
         assert done.returncode == 1
         assert "wff: error: DICOMweb request to " + url in done.stderr and "check --dicomweb" in done.stderr
 
+    def _kill_and_restart(self, state: Path, url: str, pacs: FakePacs, send) -> None:
+        """Starts the gateway (quiet time 600 s), calls ``send(port)``, kills it (SIGKILL) before any result was sent,
+        starts it again (quiet time 1 s) until two results reached ``pacs``, then stops it with SIGTERM (exit 0)."""
+        port = free_port()
+        first = self._listen(*self._args(state, url, port, pacs.port, "--quiet-seconds", "600"))
+        try:
+            assert wait_for(lambda: _accepts(port) or first.poll() is not None, 60) and first.poll() is None, first.stderr.read()
+            send(port)
+        finally:
+            first.kill()
+            first.wait(30)
+        assert pacs.received == []
+        second = self._listen(*self._args(state, url, port, pacs.port, "--quiet-seconds", "1"))
+        try:
+            assert wait_for(lambda: len(pacs.received) >= 2 or second.poll() is not None, 120), "no result reached the PACS"
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(60) == 0, second.stderr.read()
+        finally:
+            if second.poll() is None:
+                second.kill()
+
     def test_study_received_before_a_kill_is_stored_after_restart(self, tmp_path, limited_server, dicom_patient):
         """storescu a study, kill -9 the gateway before it is complete, start it again: the SR reaches the PACS;
         SIGTERM then stops it with exit 0."""
-        pacs, port, state = FakePacs(), free_port(), tmp_path / "state"
+        pacs, state = FakePacs(), tmp_path / "state"
         files = sorted(p for p in dicom_patient.rglob("*.dcm"))
+
+        def send(port: int) -> None:
+            sent = subprocess.run(["storescu", "-aet", ALLOWED_AE, "-aec", SCP_AE, "127.0.0.1", str(port), *map(str, files)],
+                                  capture_output=True, text=True, timeout=60)
+            assert sent.returncode == 0, sent.stderr
+            assert wait_for(lambda: '"event":"received"' in _read(state / "audit.jsonl"))
+
         try:
-            first = self._listen(*self._args(state, limited_server.grpc_url, port, pacs.port, "--quiet-seconds", "600"))
-            try:
-                assert wait_for(lambda: _accepts(port) or first.poll() is not None, 60) and first.poll() is None, first.stderr.read()
-                sent = subprocess.run(["storescu", "-aet", ALLOWED_AE, "-aec", SCP_AE, "127.0.0.1", str(port), *map(str, files)],
-                                      capture_output=True, text=True, timeout=60)
-                assert sent.returncode == 0, sent.stderr
-                assert wait_for(lambda: '"event":"received"' in _read(state / "audit.jsonl"))
-            finally:
-                first.kill()
-                first.wait(30)
-            assert pacs.received == []
-            second = self._listen(*self._args(state, limited_server.grpc_url, port, pacs.port, "--quiet-seconds", "1"))
-            try:
-                assert wait_for(lambda: len(pacs.received) >= 2 or second.poll() is not None, 120), "no result reached the PACS"
-                second.send_signal(signal.SIGTERM)
-                assert second.wait(60) == 0, second.stderr.read()
-            finally:
-                if second.poll() is None:
-                    second.kill()
+            self._kill_and_restart(state, limited_server.grpc_url, pacs, send)
         finally:
             pacs.stop()
         study_uid = uid_of(files[0].read_bytes())
@@ -903,6 +989,31 @@ class TestListenCommand:
         assert [e["studies"]["received"] for e in events if e["event"] == "recovered"] == [0, 1]
         assert next(e for e in events if e["event"] == "stored")["model_version"]
 
+    def test_instances_answered_before_a_kill_in_an_open_association_are_kept(self, tmp_path, limited_server, dicom_patient):
+        """A pynetdicom SCU sends a study and gets 0x0000 for each instance; the gateway is killed (SIGKILL) before
+        the association's release. Started again, it diagnoses the study from every answered instance and the
+        results reach the PACS."""
+        pacs, state = FakePacs(), tmp_path / "state"
+        files = sorted(p for p in dicom_patient.rglob("*.dcm"))
+        open_associations = []
+
+        def send(port: int) -> None:
+            assoc = associate(port)
+            assert assoc.is_established
+            open_associations.append(assoc)
+            assert [assoc.send_c_store(pydicom.dcmread(path)).Status for path in files] == [0x0000] * len(files)
+
+        try:
+            self._kill_and_restart(state, limited_server.grpc_url, pacs, send)
+        finally:
+            pacs.stop()
+            for assoc in open_associations:
+                assoc.abort()
+        assert {str(ds.StudyInstanceUID) for ds in pacs.received} == {uid_of(files[0].read_bytes())}
+        events = [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
+        assert not any(e["event"].startswith("association") for e in events)  # killed before the association ended
+        assert [e["studies"]["received"] for e in events if e["event"] == "recovered"] == [0, 1]
+        assert [e["instances"] for e in events if e["event"] == "diagnosed"] == [len(files)]
 
 def _accepts(port: int) -> bool:
     with socket.socket() as s:

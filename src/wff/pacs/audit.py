@@ -6,9 +6,10 @@ first 16 hex digits): the lines of one study can be followed, but the UID cannot
 matched against another site's log. Fields are counts, statuses, durations, AE titles, coarse
 failure reasons and the model version; never a name, ID, date of birth, UID or pixel value.
 
-Events: ``started``, ``stopped``, ``recovered``, ``association`` (released: instances kept),
-``association-dropped`` (aborted), ``association-rejected``, ``received`` (a study's new or
-changed instance), ``ignored``, ``diagnosed``, ``stored``, ``retry``, ``dead-letter``, ``superseded``
+Events: ``started``, ``stopped``, ``recovered``, ``association`` (released) and
+``association-dropped`` (aborted or connection lost), each with the instances it delivered (all
+of them kept), ``association-rejected``, ``received`` (a study's new or changed instances, per
+association or DICOMweb retrieval), ``ignored``, ``diagnosed``, ``stored``, ``retry``, ``dead-letter``, ``superseded``
 (a result discarded because an instance arrived during its diagnosis), ``purged``.
 """
 

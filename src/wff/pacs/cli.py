@@ -190,7 +190,8 @@ def listen(client: dict, uid_root: str | None, sr_kind: str | None, retry_dead_l
     """Receive studies by DICOM C-STORE, diagnose each once complete, send the results by C-STORE (--send-to) or STOW-RS (--stow).
 
     Accepts MR Image Storage, Enhanced MR Image Storage and C-ECHO; other SOP classes are refused
-    at association. An association's instances are kept only when it is released.
+    at association. Each instance is on disk before its C-STORE is answered with success; an
+    aborted association keeps what was answered.
     """
     from wff.pacs.scp import StoreSCP
 
@@ -219,6 +220,8 @@ def listen(client: dict, uid_root: str | None, sr_kind: str | None, retry_dead_l
 @click.option("--dicomweb", required=True, help="DICOMweb root URL to poll for new MR studies (QIDO-RS) and fetch them from (WADO-RS).")
 @click.option("--watch-interval", "watch_interval_s", type=click.FloatRange(min=0, min_open=True), default=_default("watch_interval_s"),
               show_default=True, help="Seconds between two polls.")
+@click.option("--since", help="Take only studies whose StudyDate is on or after this date: YYYYMMDD, or Nd for the "
+                             "last N days (0d: today), e.g. 20240101 or 7d [default: every study].")
 @_options(*COMMON_OPTIONS)
 @client_options
 def watch(client: dict, uid_root: str | None, sr_kind: str | None, retry_dead_letters: bool, **values) -> None:
@@ -231,7 +234,7 @@ def watch(client: dict, uid_root: str | None, sr_kind: str | None, retry_dead_le
         values["stow"] = values["dicomweb"]
     settings = _settings(client, uid_root, sr_kind, **values)
     try:
-        source = DicomwebSource(settings.dicomweb, state_file=settings.state_dir / "dicomweb-taken.json")
+        source = DicomwebSource(settings.dicomweb, state_file=settings.state_dir / "dicomweb-taken.json", since=settings.since)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     gateway, diagnosis_client, metrics = _start(settings, retry_dead_letters)
@@ -242,7 +245,8 @@ def watch(client: dict, uid_root: str | None, sr_kind: str | None, retry_dead_le
         except DicomwebError as e:
             raise WffError(f"{e}; check --dicomweb (the DICOMweb root, e.g. http://pacs:8042/dicom-web) and that the server runs") from e
         watcher.skip_next()
-        click.echo(f"watching {settings.dicomweb} every {settings.watch_interval_s:g} s; results to "
+        window = f" for studies dated from {source.since_date()} on" if settings.since else ""
+        click.echo(f"watching {settings.dicomweb} every {settings.watch_interval_s:g} s{window}; results to "
                    f"{settings.send_to or settings.stow}; state in {settings.state_dir}", err=True)
         _run(gateway, watcher.tick)
     finally:

@@ -8,6 +8,11 @@ make a study new. ``retrieve(study_uid)`` fetches the study's MR series (WADO-RS
 transfer syntax where the server allows it) and returns ``(name, Part 10 bytes)`` for each MR
 Image Storage / Enhanced MR Image Storage instance; it records the study as taken.
 
+``since`` limits the listing to studies whose StudyDate is on or after a date (QIDO-RS range
+matching ``StudyDate=YYYYMMDD-``): ``YYYYMMDD``, or ``Nd`` for the date N days before today (local
+date, worked out again at each listing, so the window moves with the calendar). A study without
+StudyDate does not match a range, so it is not listed then.
+
 What was taken is kept in ``state_file`` (JSON, keyed by a hash of the StudyInstanceUID, written
 atomically) when one is given, so a restarted watcher does not fetch everything again; else in
 the object.
@@ -15,11 +20,14 @@ the object.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import io
 import json
 import logging
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -38,6 +46,22 @@ DEFAULT_TIMEOUT_S = 60.0
 ACCEPT_STORED_SYNTAX = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 ACCEPT_DEFAULT_SYNTAX = 'multipart/related; type="application/dicom"'
 STATE_FORMAT = 1
+SINCE_FORMS = "a date YYYYMMDD (e.g. 20240101) or a number of days Nd (e.g. 7d; 0d: today)"
+
+
+def parse_since(text: str) -> dt.date | int:
+    """``--since``: a date (YYYYMMDD) or a number of days before today (``Nd``); ValueError naming the forms."""
+    value = text.strip()
+    days = re.fullmatch(r"(\d{1,5})d", value, flags=re.IGNORECASE)
+    if days:
+        return int(days.group(1))
+    if re.fullmatch(r"\d{8}", value):
+        try:
+            return dt.datetime.strptime(value, "%Y%m%d").date()
+        except ValueError:
+            raise ValueError(f"--since {text!r} is not a calendar date; give {SINCE_FORMS}") from None
+    hint = " (StudyDate has no time of day: give days)" if re.fullmatch(r"\d+\s*h", value, flags=re.IGNORECASE) else ""
+    raise ValueError(f"--since {text!r}: give {SINCE_FORMS}{hint}")
 
 
 class DicomwebError(RuntimeError):
@@ -86,13 +110,17 @@ def multipart_parts(content_type: str, body: bytes) -> list[bytes]:
 class DicomwebSource:
     """MR studies of the DICOMweb server at ``url`` (its root, e.g. ``http://pacs:8042/dicom-web``).
 
-    ``session`` carries authentication or TLS settings where the server needs them.
+    ``session`` carries authentication or TLS settings where the server needs them. ``since``: see the
+    module's text; ``today`` gives the local date it counts back from.
     """
 
     def __init__(self, url: str, *, state_file: str | Path | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 session: requests.Session | None = None) -> None:
+                 session: requests.Session | None = None, since: str | None = None,
+                 today: Callable[[], dt.date] = dt.date.today) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"DICOMweb URL {url!r} must start with http:// or https://, e.g. http://pacs:8042/dicom-web")
+        self.since = parse_since(since) if since is not None else None
+        self.today = today
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.session = session or requests.Session()
@@ -150,13 +178,22 @@ class DicomwebSource:
             return sum(int(n) for _, n in series)
         return len(self._json(f"/studies/{study_uid}/instances", {"Modality": "MR"}))
 
+    def since_date(self) -> str | None:
+        """The first StudyDate listed (DICOM DA, YYYYMMDD), None without ``since``."""
+        if self.since is None:
+            return None
+        first = self.since if isinstance(self.since, dt.date) else self.today() - dt.timedelta(days=self.since)
+        return first.strftime("%Y%m%d")
+
     def new_studies(self) -> list[str]:
         """StudyInstanceUIDs of the MR studies not taken yet or whose MR instances changed in number since."""
         listed: dict[str, tuple[str, int | None]] = {}
+        query = {"ModalitiesInStudy": "MR", "includefield": STUDY_INSTANCES}
+        if self.since is not None:
+            query["StudyDate"] = f"{self.since_date()}-"
         offset = 0
         while True:
-            page = self._json("/studies", {"ModalitiesInStudy": "MR", "includefield": STUDY_INSTANCES,
-                                           "limit": PAGE_SIZE, "offset": offset})
+            page = self._json("/studies", {**query, "limit": PAGE_SIZE, "offset": offset})
             for item in page:
                 uid = _value(item, STUDY_INSTANCE_UID)
                 if uid:

@@ -2,7 +2,8 @@
 
     gateway = Gateway(settings, sender, diagnose=client.diagnose)
     gateway.recover()                          # at start-up: finish what a crash left
-    gateway.add_instance(None, name, data, "MODALITY")   # from the C-STORE SCP or the DICOMweb watcher
+    gateway.add_instances([(None, name, data)], "MODALITY")  # a batch (the DICOMweb watcher)
+    gateway.commit_instance(header, data)      # one instance on disk before its C-STORE is answered (the SCP)
     gateway.poll()                             # diagnose / send whatever is due
 
 Input: only MR Image Storage and Enhanced MR Image Storage instances whose UIDs are not under
@@ -11,8 +12,9 @@ starts another diagnosis. A SOP Instance UID sent again with the same content ch
 with other content, or a new instance, the study waits for completeness again and its next
 diagnosis is a new result version.
 
-Completeness: a study is due once no instance arrived for ``quiet_seconds``, or ``max_wait_s``
-after its first pending instance. Each stage (diagnose, send) of a study is retried on a
+Completeness: a study is due once no instance arrived for ``quiet_seconds`` and no association
+that delivered instances of it is still open (``hold`` / ``unhold``), or ``max_wait_s`` after its
+first pending instance. Each stage (diagnose, send) of a study is retried on a
 transient failure (server unavailable, out-of-resources, connection refused) after a pause that
 doubles up to ``retry_max_s``; after ``max_attempts`` failed attempts, or at once on a permanent
 failure (input rejected by the server, association or object refused by the PACS), the study is
@@ -140,6 +142,8 @@ class Gateway:
         self._diagnose = diagnose
         self._make_results = make_results
         self._lock = threading.RLock()
+        self._held: Counter = Counter()  # StudyInstanceUID -> open associations that delivered instances of it
+        self._unsaved: set[str] = set()  # studies whose state change could not be written (saved again at the next instance)
         states, problems = self.spool.load()
         for problem in problems:
             log.warning("%s", problem)
@@ -147,13 +151,13 @@ class Gateway:
 
     # start-up
     def recover(self) -> dict[str, int]:
-        """Drops files of associations never released, and counts the studies a crash left unfinished
+        """Drops the temp files of writes a crash interrupted, and counts the studies it left unfinished
         (received: to diagnose; diagnosed: to send); ``poll`` finishes them. Returns studies per status."""
-        self.spool.drop_incoming()
+        unfinished = self.spool.drop_incoming()
         with self._lock:
             counts = Counter(s.status for s in self.studies.values())
         summary = {status: counts.get(status, 0) for status in (RECEIVED, DIAGNOSED, STORED, DEAD_LETTER)}
-        self.audit.event("recovered", studies=summary)
+        self.audit.event("recovered", studies=summary, unfinished_writes=unfinished)
         return summary
 
     def retry_dead_letters(self) -> int:
@@ -192,8 +196,8 @@ class Gateway:
 
     def add_instances(self, items: Iterable[tuple[str | None, str, bytes | Path]], calling_ae: str | None,
                       source: str = "dimse") -> list[str]:
-        """``add_instance`` for several instances, with one state write and one audit line per study."""
-        outcomes, touched = [], {}
+        """``add_instance`` for several instances, with one state write per study and one audit line per study."""
+        outcomes, touched = [], set()
         per_study: dict[str, Counter] = {}
         ignored = Counter()
         now = self.clock()
@@ -216,37 +220,79 @@ class Gateway:
             outcome = self._take(header, raw, now)
             outcomes.append(outcome)
             per_study.setdefault(header.study_uid, Counter())[outcome] += 1
-            if outcome != DUPLICATE:
-                touched[header.study_uid] = True
+            if outcome != DUPLICATE or header.study_uid in self._unsaved:
+                touched.add(header.study_uid)
         with self._lock:
             for uid in touched:
-                self.spool.save(self.studies[uid])
+                self._save(self.studies[uid])
+        self.record_received(per_study, calling_ae, source, ignored)
+        return outcomes
+
+    def commit_instance(self, header: Header, data: bytes) -> str:
+        """One input instance (``ignore_reason`` None) into its study: its file and the study's state are on disk
+        when this returns. NEW, CHANGED or DUPLICATE; OSError when the disk fails (nothing is taken then).
+
+        Nothing is audited or counted here: the caller reports its instances with ``record_received``.
+        """
+        with self._lock:
+            outcome = self._take(header, data, self.clock())
+            if outcome != DUPLICATE or header.study_uid in self._unsaved:
+                self._save(self.studies[header.study_uid])
+        return outcome
+
+    def record_received(self, per_study: dict[str, Counter], calling_ae: str | None, source: str = "dimse",
+                        ignored: Counter | None = None) -> None:
+        """Metrics and one ``received`` audit line per study for instances taken: ``per_study`` maps a
+        StudyInstanceUID to its outcome counts (NEW, CHANGED, DUPLICATE); ``ignored`` counts ignore reasons."""
         for uid, counts in per_study.items():
             kept = counts[NEW] + counts[CHANGED]
             if kept:
                 self.metrics.inc("wff_pacs_instances_received_total", kept, source=source)
             with self._lock:
-                held = len(self.studies[uid].instances)
+                held = len(self.studies[uid].instances) if uid in self.studies else 0
             self.audit.event("received", uid, source=source, calling_ae=calling_ae, new=counts[NEW], changed=counts[CHANGED],
                              duplicates=counts[DUPLICATE], instances=held)
+        ignored = ignored or Counter()
         for reason, n in ignored.items():
             self.metrics.inc("wff_pacs_instances_ignored_total", n, reason=reason.removeprefix("ignored: "))
         if ignored:
             self.audit.event("ignored", source=source, calling_ae=calling_ae,
                              reasons={r.removeprefix("ignored: "): n for r, n in ignored.items()})
-        return outcomes
+
+    def hold(self, study_uid: str) -> None:
+        """An association delivers instances of the study: it is not quiet until ``unhold`` (max wait still applies)."""
+        with self._lock:
+            self._held[study_uid] += 1
+
+    def unhold(self, study_uids: Iterable[str]) -> None:
+        """The association that held the studies ended (released, aborted or dropped)."""
+        with self._lock:
+            for uid in study_uids:
+                self._held[uid] -= 1
+                if self._held[uid] <= 0:
+                    del self._held[uid]
 
     def _take(self, header: Header, data: bytes, now: float) -> str:
         with self._lock:
-            state = self.studies.get(header.study_uid)
-            if state is None:
-                state = self.studies[header.study_uid] = StudyState(header.study_uid)
+            state = self.studies.get(header.study_uid) or StudyState(header.study_uid)
             old = state.instances.get(header.sop_uid)
             if old is not None and old.sha256 == content_hash(data):
                 return DUPLICATE
-            state.instances[header.sop_uid] = self.spool.put_instance(state, header.sop_uid, data)
+            instance = self.spool.put_instance(state, header.sop_uid, data)  # an OSError leaves the state as it was
+            self.studies[header.study_uid] = state
+            state.instances[header.sop_uid] = instance
             state.mark_changed(now)
             return NEW if old is None else CHANGED
+
+    def _save(self, state: StudyState) -> None:
+        """The study's state to disk; after an OSError it is marked unsaved, so its next instance (even a duplicate) saves it."""
+        with self._lock:
+            try:
+                self.spool.save(state)
+            except OSError:
+                self._unsaved.add(state.study_uid)
+                raise
+            self._unsaved.discard(state.study_uid)
 
     # work
     def due(self, now: float | None = None) -> list[str]:
@@ -258,7 +304,8 @@ class Gateway:
                 s for s in self.studies.values()
                 if s.next_attempt_at <= now and (
                     s.status == DIAGNOSED
-                    or s.status == RECEIVED and (now - s.last_received >= quiet or now - (s.pending_since or now) >= max_wait))
+                    or s.status == RECEIVED and (now - s.last_received >= quiet and not self._held[s.study_uid]
+                                                 or now - (s.pending_since or now) >= max_wait))
             ]
         return [s.study_uid for s in sorted(ready, key=lambda s: s.last_received)]
 

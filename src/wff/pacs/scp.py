@@ -9,10 +9,17 @@
 * Above the disk watermark (too little free disk, or the spool over its maximum) a new
   association is rejected (rejected-transient, service-provider presentation-related,
   temporary congestion) and a C-STORE answered 0xA700 "out of resources".
-* Each association's instances go to its own folder under ``incoming/``; they reach the study
-  spool only when the peer releases the association (EVT_RELEASED, which pynetdicom fires after
-  the last C-STORE was answered). An aborted or dropped association's files are deleted
-  (EVT_ABORTED, EVT_CONN_CLOSE).
+* An instance is committed before its C-STORE is answered: its file is in the study's spool and
+  the study's state on disk (each fsynced) when the SCP answers 0x0000 Success, so a crash or an
+  abort after the answer loses nothing the sender was told is stored. When the write fails the
+  answer is 0xA700 (out of resources: disk full, or another OS error), so the sender keeps the
+  instance and may send it again. An aborted or dropped association keeps every instance
+  answered with Success.
+* A study that an open association has delivered instances to is not quiet (its quiet time
+  counts from its last instance and it waits for the association's end); ``--max-wait`` still
+  applies. At the association's end (EVT_RELEASED, EVT_ABORTED or EVT_CONN_CLOSE) the audit log
+  gets one ``received`` line per study and one ``association`` or ``association-dropped`` line
+  with the counts.
 """
 
 from __future__ import annotations
@@ -21,13 +28,13 @@ import errno
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
 
 from wff.ensemble import dicom_guard
-from wff.pacs.gateway import CHANGED, NEW, Gateway, ignore_reason, read_header
+from wff.pacs.gateway import CHANGED, DUPLICATE, NEW, Gateway, ignore_reason, read_header
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +55,13 @@ REJECT_REASONS = {  # (source, diagnostic) -> reason label in the audit log and 
 
 @dataclass
 class _Association:
-    folder: Path
     calling_ae: str
     started: float = field(default_factory=time.monotonic)
-    files: list[Path] = field(default_factory=list)
-    ignored: int = 0
-    done: bool = False
+    studies: dict[str, Counter] = field(default_factory=dict)  # StudyInstanceUID -> outcomes (NEW, CHANGED, DUPLICATE)
+    ignored: int = 0  # answered Success, not input (the gateway's own objects)
+    refused: int = 0  # answered with a failure status
+    done: bool = False  # ended: a C-STORE still in hand is refused, not counted
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one C-STORE or the end at a time
 
 
 class StoreSCP:
@@ -103,7 +111,7 @@ class StoreSCP:
 
     def stop(self) -> None:
         if self._server is not None:
-            self.ae.shutdown()  # the server, and an abort to every association in progress (their files are dropped)
+            self.ae.shutdown()  # the server, and an abort to every association in progress (what they delivered is kept)
             self._server = None
 
     # association events
@@ -127,13 +135,23 @@ class StoreSCP:
 
     def _on_established(self, event) -> None:
         with self._lock:
-            self._associations[event.assoc] = _Association(self.gateway.spool.new_incoming(), event.assoc.requestor.ae_title)
+            self._associations[event.assoc] = _Association(event.assoc.requestor.ae_title)
 
     def _on_store(self, event) -> int:
         with self._lock:
             pending = self._associations.get(event.assoc)
         if pending is None:
             return CANNOT_UNDERSTAND
+        with pending.lock:
+            status = self._store(event, pending)
+            if status != SUCCESS:
+                pending.refused += 1
+            return status
+
+    def _store(self, event, pending: _Association) -> int:
+        """Checks and commits one C-STORE's instance; its response status."""
+        if pending.done:  # the connection closed while this request waited: the answer cannot reach the sender
+            return OUT_OF_RESOURCES
         why = self.gateway.over_watermark()
         if why is not None:
             log.warning("C-STORE from %s refused: %s", pending.calling_ae, why)
@@ -151,27 +169,35 @@ class StoreSCP:
             pending.ignored += 1
             self.gateway.metrics.inc("wff_pacs_instances_ignored_total", reason=reason.removeprefix("ignored: "))
             return SUCCESS
-        pending.files.append(self.gateway.spool.write_incoming(pending.folder, f"{len(pending.files):06d}.dcm", data))
+        if header.study_uid not in pending.studies:
+            self.gateway.hold(header.study_uid)  # before the first instance is visible to the worker
+            pending.studies[header.study_uid] = Counter()
+        try:
+            outcome = self.gateway.commit_instance(header, data)
+        except OSError as e:
+            log.error("C-STORE from %s refused: the instance cannot be written to the state folder %s: %s",
+                      pending.calling_ae, self.gateway.settings.state_dir, e.strerror or e)
+            return OUT_OF_RESOURCES
+        pending.studies[header.study_uid][outcome] += 1
         return SUCCESS
 
     def _on_released(self, event) -> None:
-        with self._lock:
-            pending = self._associations.pop(event.assoc, None)
-        if pending is None:
-            return
-        try:
-            outcomes = self.gateway.add_instances([(None, path.name, path) for path in pending.files], pending.calling_ae)
-        finally:
-            self.gateway.spool.drop_incoming(pending.folder)
-        self.gateway.audit.event("association", calling_ae=pending.calling_ae, instances=len(pending.files),
-                                 kept=sum(o in (NEW, CHANGED) for o in outcomes), ignored=pending.ignored,
-                                 duration_s=round(time.monotonic() - pending.started, 3))
+        self._end(event.assoc, "association")
 
     def _on_dropped(self, event) -> None:
+        self._end(event.assoc, "association-dropped")
+
+    def _end(self, assoc, audit_event: str) -> None:
+        """The association ended: its studies may go quiet; one ``received`` line per study, one line for it."""
         with self._lock:
-            pending = self._associations.pop(event.assoc, None)
+            pending = self._associations.pop(assoc, None)
         if pending is None:
             return
-        self.gateway.spool.drop_incoming(pending.folder)
-        self.gateway.audit.event("association-dropped", calling_ae=pending.calling_ae, instances=len(pending.files),
-                                 duration_s=round(time.monotonic() - pending.started, 3))
+        with pending.lock:
+            pending.done = True
+        self.gateway.unhold(pending.studies)
+        self.gateway.record_received({uid: n for uid, n in pending.studies.items() if n}, pending.calling_ae, source="dimse")
+        totals = sum(pending.studies.values(), Counter())
+        self.gateway.audit.event(audit_event, calling_ae=pending.calling_ae, instances=totals.total(),
+                                 kept=totals[NEW] + totals[CHANGED], duplicates=totals[DUPLICATE], ignored=pending.ignored,
+                                 refused=pending.refused, duration_s=round(time.monotonic() - pending.started, 3))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wff.pacs.dicomweb import parse_since
 from wff.pacs.send import check_ae_title, parse_destination
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ class GatewaySettings:
     # receiving (wff pacs watch)
     dicomweb: str | None = None  # --dicomweb: DICOMweb base URL polled for new MR studies (QIDO-RS/WADO-RS)
     watch_interval_s: float = 30.0  # --watch-interval: seconds between two QIDO-RS polls
+    since: str | None = None  # --since: only studies with StudyDate on or after YYYYMMDD, or within the last Nd; None = all
     # completeness
     quiet_seconds: float = 10.0  # --quiet-seconds: a study is complete once no instance arrived for this long
     max_wait_s: float = 300.0  # --max-wait: ... or this long after its first pending instance, even if not quiet
@@ -65,6 +67,8 @@ class GatewaySettings:
                 parse_destination(self.send_to)
             except ValueError as e:
                 raise ValueError(f"--send-to: {e}") from None
+        if self.since is not None:
+            parse_since(self.since)
         if self.send_to is not None and self.stow is not None:
             raise ValueError("give either --send-to AET@HOST:PORT (C-STORE) or --stow URL (STOW-RS), not both")
         for name in ("quiet_seconds", "max_wait_s", "poll_s", "watch_interval_s", "retry_initial_s", "retry_max_s"):

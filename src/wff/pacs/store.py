@@ -5,7 +5,7 @@ Layout under the state folder::
     studies/<key>/state.json          the study's StudyState (written atomically: temp file + os.replace)
     studies/<key>/instances/<h>.dcm   one file per SOP Instance UID (h: a hash of that UID)
     studies/<key>/results/v<N>/<i>.dcm  result version N (SR, presentation state), kept until sent
-    incoming/<association>/...        files of an association not yet released (dropped on abort)
+    incoming/<random>.tmp             a file being written, renamed into place once on disk (a crash leaves it: recover drops it)
 
 ``key`` is a hash of the StudyInstanceUID, so no identifier appears in a path. The state of a
 study moves ``received`` -> ``diagnosed`` (results made and on disk) -> ``stored`` (sent), or to
@@ -142,6 +142,23 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
+def _fsync_folder(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_folder(path: Path) -> None:
+    """``path`` and its missing parents, each new entry fsynced in its parent."""
+    if path.is_dir():
+        return
+    _make_folder(path.parent)
+    path.mkdir(exist_ok=True)
+    _fsync_folder(path.parent)
+
+
 class Spool:
     """The files under a state folder, with a running count of their bytes (for the disk watermark).
 
@@ -179,7 +196,7 @@ class Spool:
 
     # accounting
     def size(self) -> int:
-        """Bytes of the spool: every study's files and the associations' not yet released (the audit log is not counted)."""
+        """Bytes of the spool: every study's files and the writes in progress (the audit log is not counted)."""
         return self._bytes
 
     def free_bytes(self) -> int:
@@ -190,15 +207,24 @@ class Spool:
             self._bytes = max(self._bytes + delta, 0)
 
     def _write(self, path: Path, data: bytes) -> None:
-        """``data`` to ``path`` atomically (temp file in the same folder, fsync, os.replace)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """``data`` to ``path`` atomically and durably: a temp file under incoming/ (same file system),
+        fsync, os.replace, fsync of the folder (the rename survives a power loss too).
+
+        A crash mid-write leaves only the temp file, which ``drop_incoming`` removes at start-up.
+        """
+        _make_folder(path.parent)
         old = path.stat().st_size if path.exists() else 0
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp = self.incoming / f"{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_folder(path.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         self._count(len(data) - old)
 
     def _remove_tree(self, path: Path) -> None:
@@ -262,21 +288,14 @@ class Spool:
             if folder.name != f"v{keep_version}":
                 self._remove_tree(folder)
 
-    # associations not yet released
-    def new_incoming(self) -> Path:
-        folder = self.incoming / uuid.uuid4().hex
-        folder.mkdir(parents=True)
-        return folder
-
-    def write_incoming(self, folder: Path, name: str, data: bytes) -> Path:
-        path = folder / name
-        self._write(path, data)
-        return path
-
-    def drop_incoming(self, folder: Path | None = None) -> None:
-        """One association's files, or (None) every association's: a restart drops what no release kept."""
-        if folder is not None:
-            self._remove_tree(folder)
-            return
-        for child in self.incoming.iterdir():
-            self._remove_tree(child)
+    # files being written
+    def drop_incoming(self) -> int:
+        """Removes what a crash left under incoming/ (temp files of writes never finished); returns how many."""
+        children = list(self.incoming.iterdir())
+        for child in children:
+            if child.is_dir():
+                self._remove_tree(child)
+            else:
+                self._count(-child.stat().st_size)
+                child.unlink(missing_ok=True)
+        return len(children)
