@@ -262,12 +262,17 @@ class TestDataset:
 
 class TestCli:
     def test_synth_json_summary(self, tmp_path):
-        """wff data synth --train 2 --test 2 --json - prints a summary and writes the dataset."""
-        result = CliRunner().invoke(data, ["synth", str(tmp_path / "d"), "--train", "2", "--test", "2", "--seed", "3", "--json", "-"])
+        """wff data synth --train 2 --test 2 --json - prints a summary (locations as Table 2 counts them) and writes the dataset."""
+        result = CliRunner().invoke(data, ["synth", str(tmp_path / "d"), "--train", "2", "--test", "2", "--seed", "5", "--json", "-"])
         assert result.exit_code == 0, result.output
         summary = json.loads(result.stdout)
         assert summary["patients"] == {"train": {"benign": 1, "malignant": 1}, "test": {"benign": 1, "malignant": 1}}
         assert summary["dicom_files"] == len(list((tmp_path / "d").rglob("*.dcm"))) and summary["megabytes"] > 0
+        rows = (tmp_path / "d" / "labels.csv").read_text().splitlines()[1:]
+        written = [loc for row in rows for loc in row.split(",")[3].split(";")]
+        assert summary["locations"] == {loc: written.count(loc) for loc in LOCATIONS}
+        assert summary["patients_with_two_or_more_locations"] == sum(";" in row.split(",")[3] for row in rows) > 0  # seed 5 has some
+        assert f"{len(written)} tumour locations" in result.stderr
         assert "wrote 2 training" in result.stderr
 
     def test_refuses_existing_dataset(self, dataset):

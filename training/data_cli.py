@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 
 from wff.cli import WffError, json_option, write_json
+from wff.config import LOCATIONS
+from wff.records import load_records
 from wff.training.synth import SIZES, class_counts, generate_patients
 
 
@@ -25,11 +27,15 @@ def _scaled(size: str, n_train: int | None, n_test: int | None) -> tuple[int, in
 
 def summarize(out_dir: Path, n_train: int, n_test: int, seconds: float) -> dict:
     files = [f for f in out_dir.rglob("*") if f.is_file()]
+    records = load_records(out_dir)
     return {
         "out_dir": str(out_dir),
         "patients": {
             split: dict(zip(("benign", "malignant"), class_counts(n, split))) for split, n in (("train", n_train), ("test", n_test))
         },
+        # tumour locations as Table 2 counts them: a patient with two locations counts at each
+        "locations": {loc: sum(loc in r.locations for r in records) for loc in LOCATIONS},
+        "patients_with_two_or_more_locations": sum(len(r.locations) > 1 for r in records),
         "series": sum(1 for d in out_dir.glob("*/*") if d.is_dir()),
         "dicom_files": sum(f.suffix == ".dcm" for f in files),
         "labelme_files": sum(f.suffix == ".json" for f in files),
@@ -65,7 +71,8 @@ def synth(out_dir: Path, size: str, n_train: int | None, n_test: int | None, see
     click.echo(
         f"wrote {n_train} training ({train['benign']} benign, {train['malignant']} malignant) and {n_test} test "
         f"({test['benign']} benign, {test['malignant']} malignant) patients: {summary['series']} series, "
-        f"{summary['dicom_files']} DICOM files, {summary['labelme_files']} LabelMe files, {summary['megabytes']} MB "
+        f"{sum(summary['locations'].values())} tumour locations, {summary['dicom_files']} DICOM files, "
+        f"{summary['labelme_files']} LabelMe files, {summary['megabytes']} MB "
         f"in {summary['seconds']} s to {out_dir}",
         err=True,
     )
