@@ -31,7 +31,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -186,23 +185,22 @@ class Gateway:
                     "wait until studies are stored and purged, or raise --max-spool-mb")
         return None
 
-    def add_instance(self, study_uid: str | None, name: str, data: bytes | Path, calling_ae: str | None, source: str = "dimse") -> str:
-        """Takes one instance (Part 10 bytes, or a file to read); returns NEW, CHANGED, DUPLICATE or an ignore reason.
+    def add_instance(self, study_uid: str | None, name: str, data: bytes, calling_ae: str | None, source: str = "dimse") -> str:
+        """Takes one instance (Part 10 bytes); returns NEW, CHANGED, DUPLICATE or an ignore reason.
 
         ``study_uid`` may be None; the file's own StudyInstanceUID decides where it goes.
         ``name`` is the sender's name for the file, used in log messages only.
         """
         return self.add_instances([(study_uid, name, data)], calling_ae, source)[0]
 
-    def add_instances(self, items: Iterable[tuple[str | None, str, bytes | Path]], calling_ae: str | None,
+    def add_instances(self, items: Iterable[tuple[str | None, str, bytes]], calling_ae: str | None,
                       source: str = "dimse") -> list[str]:
         """``add_instance`` for several instances, with one state write per study and one audit line per study."""
         outcomes, touched = [], set()
         per_study: dict[str, Counter] = {}
         ignored = Counter()
         now = self.clock()
-        for study_uid, name, data in items:
-            raw = Path(data).read_bytes() if isinstance(data, Path) else data
+        for study_uid, name, raw in items:
             try:
                 header = read_header(raw)
             except ValueError as e:
@@ -220,7 +218,7 @@ class Gateway:
             outcome = self._take(header, raw, now)
             outcomes.append(outcome)
             per_study.setdefault(header.study_uid, Counter())[outcome] += 1
-            if outcome != DUPLICATE or header.study_uid in self._unsaved:
+            if self._needs_save(outcome, header.study_uid):
                 touched.add(header.study_uid)
         with self._lock:
             for uid in touched:
@@ -236,7 +234,7 @@ class Gateway:
         """
         with self._lock:
             outcome = self._take(header, data, self.clock())
-            if outcome != DUPLICATE or header.study_uid in self._unsaved:
+            if self._needs_save(outcome, header.study_uid):
                 self._save(self.studies[header.study_uid])
         return outcome
 
@@ -271,6 +269,10 @@ class Gateway:
                 self._held[uid] -= 1
                 if self._held[uid] <= 0:
                     del self._held[uid]
+
+    def _needs_save(self, outcome: str, study_uid: str) -> bool:
+        """Whether the study's state must be written after taking an instance: it changed, or an earlier write failed."""
+        return outcome != DUPLICATE or study_uid in self._unsaved
 
     def _take(self, header: Header, data: bytes, now: float) -> str:
         with self._lock:
