@@ -11,6 +11,7 @@ They make the served numbers predictable; a tiny trained model can replace them 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,17 @@ TINY = Profile(name="tiny").replace(
 ONNX_OPSET = 17
 ONNX_IR_VERSION = 8
 
+
+
+def wait_for(condition, timeout_s: float, interval_s: float = 0.05):
+    """Poll ``condition()`` until it returns something true or ``timeout_s`` passes; its last value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval_s)
+    return condition()
 
 def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(value, name + "_value"))

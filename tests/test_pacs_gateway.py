@@ -30,6 +30,7 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ComprehensiveSRStorage, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from conftest import wait_for as shared_wait_for
 from conftest import write_dicom_patient
 from wff.client.grpc_client import RejectedInput, ServerUnavailable
 from wff.pacs.age import dataset_age, files_age, parse_da
@@ -157,13 +158,7 @@ def audit_lines(gateway: Gateway) -> list[dict]:
 
 
 def wait_for(condition, timeout_s: float = WAIT_S):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    return condition()
+    return shared_wait_for(condition, timeout_s)
 
 
 @pytest.fixture(scope="module")

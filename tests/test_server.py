@@ -24,7 +24,7 @@ from wff.client.metrics import fetch_metrics, per_model
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
 from click.testing import CliRunner
-from conftest import TINY, embedded_server, write_dicom_patient
+from conftest import TINY, embedded_server, wait_for, write_dicom_patient
 
 from wff.cli import main
 from wff.client.grpc_client import DiagnosisClient, RejectedInput, read_patient_files
@@ -114,10 +114,8 @@ class TestServer:
             with pytest.raises(Exception, match="crop: internal error") as e:
                 c.infer("crop", inputs)
         assert "INTERNAL" in str(e.value.status())
-        deadline = time.monotonic() + LOG_SETTLE_S  # the stub's log line reaches the server log a moment after the reply
-        while "crop_boxes has 2 rows for 3 slices" not in server.log_file.read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "crop_boxes has 2 rows for 3 slices" in server.log_file.read_text()
+        # the stub's log line reaches the server log a moment after the reply
+        assert wait_for(lambda: "crop_boxes has 2 rows for 3 slices" in server.log_file.read_text(), LOG_SETTLE_S)
         assert server.is_healthy()
 
     def test_concurrent_detector_requests_are_split_back(self, server):
@@ -325,23 +323,16 @@ class TestStopProcessGroup:
     @staticmethod
     def sleeping_child(process: subprocess.Popen) -> int:
         """The pid of the leader's background `sleep`, once it runs sleep (a forked child is bash until its exec)."""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            found = [pid for pid in child_pids(process.pid) if process_name(pid) == "sleep"]
-            if found:
-                return found[0]
-            time.sleep(0.01)
-        raise AssertionError("the background sleep did not start")
+        found = wait_for(lambda: [pid for pid in child_pids(process.pid) if process_name(pid) == "sleep"], 10, 0.01)
+        assert found, "the background sleep did not start"
+        return found[0]
 
     def test_sigterm_stops_the_whole_group(self):
         """The group's leader and its background child both get SIGTERM; no kill needed."""
         process = self.start("sleep 60 & echo ready; wait")
         child = self.sleeping_child(process)
         assert stop_process_group(process, 10) == (-signal.SIGTERM, False)
-        deadline = time.monotonic() + 10
-        while process_name(child) == "sleep" and time.monotonic() < deadline:  # reaped by init, then gone
-            time.sleep(0.01)
-        assert process_name(child) != "sleep"
+        assert wait_for(lambda: process_name(child) != "sleep", 10, 0.01)  # reaped by init, then gone
 
     def test_leader_only_leaves_its_children_to_it(self):
         """term_group=False: SIGTERM reaches the leader alone, so a child it does not stop outlives it."""
