@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 
-from wff.config import CLIP_RULES, ClassifierConfig, Profile
+from wff.config import ClassifierConfig, Profile
 from wff.ensemble.crop import clip_indices, crop_clip, expand_box
 from wff.ensemble.types import AnnotatedPatient
 from wff.training.augment import self_cutmix
@@ -339,10 +339,8 @@ def clip_slices(track: SeriesTrack, cfg: ClassifierConfig, rng: np.random.Genera
     """Series-local slice indices of one training clip of ``track`` under ``cfg.clip_rule`` (module docstring)."""
     if cfg.clip_rule == "labelled":
         return labelled_clip_indices(track.labelled, cfg.clip_len, bool(rng.random() < cfg.random_slice_prob), rng)
-    if cfg.clip_rule == "window":
-        centre = choose_centre(len(track.members), track.labelled, cfg.clip_len, cfg.random_slice_prob, rng)
-        return clip_indices(len(track.members), centre, cfg.clip_len)
-    raise ValueError(f"classifier.clip_rule must be one of {CLIP_RULES}, got {cfg.clip_rule!r}")
+    centre = choose_centre(len(track.members), track.labelled, cfg.clip_len, cfg.random_slice_prob, rng)  # "window"
+    return clip_indices(len(track.members), centre, cfg.clip_len)
 
 
 def _jitter(box: tuple[float, float, float, float], rng: np.random.Generator) -> tuple[float, float, float, float]:

@@ -36,6 +36,7 @@ import numpy as np
 
 from wff.cli import WffError, apply_overrides, progress_printer
 from wff.config import PAPER, Profile
+from wff.loadtest.bench import percentile_ms
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 AUTOCAST_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
@@ -59,13 +60,9 @@ def source_commit(root: Path) -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def percentile_ms(samples: Sequence[float], q: float) -> float:
-    return round(float(np.percentile(np.asarray(samples, np.float64), q)) * 1000.0, 2)
-
-
 def summarize_ms(samples: Sequence[float]) -> dict:
-    """p50 / p95 / mean in milliseconds of per-patient seconds."""
-    return {"p50_ms": percentile_ms(samples, 50), "p95_ms": percentile_ms(samples, 95),
+    """p50 / p95 / mean in milliseconds of per-patient seconds (percentiles as wff bench takes them)."""
+    return {"p50_ms": round(percentile_ms(samples, 50), 2), "p95_ms": round(percentile_ms(samples, 95), 2),
             "mean_ms": round(float(np.mean(samples)) * 1000.0, 2), "samples": len(samples)}
 
 
